@@ -1,0 +1,132 @@
+"""Module twins of the functional losses: they only store and validate the hyper-parameters.
+
+The math lives in :mod:`lightning_distill.losses.functional`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_distill.losses.functional import (
+    Divergence,
+    _check_ignore_index,
+    check_alpha,
+    check_divergence,
+    check_temperature,
+    distillation_loss_terms,
+    kd_loss,
+)
+
+__all__ = ["DistillationLoss", "KDLoss"]
+
+
+class KDLoss(nn.Module):
+    """Distillation loss between student and teacher logits; see :func:`~lightning_distill.losses.functional.kd_loss`.
+
+    Args:
+        temperature: Softmax temperature ``T > 0``; the loss carries the ``T²`` factor (except ``"mse"``).
+        divergence: ``"kl"`` (Hinton et al., default), ``"reverse_kl"``, ``"soft_ce"``, ``"js"`` or ``"mse"``.
+
+    Raises:
+        ValueError: If ``temperature`` is not finite and positive or ``divergence`` is unknown.
+
+    Example::
+
+        >>> import torch
+        >>> loss_fn = KDLoss(temperature=2.0)
+        >>> loss_fn
+        KDLoss(temperature=2.0, divergence='kl')
+        >>> s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+        >>> t = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> round(loss_fn(s, t).item(), 4)
+        0.2064
+    """
+
+    def __init__(self, *, temperature: float = 1.0, divergence: Divergence = "kl") -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        check_divergence(divergence)
+        self.divergence: Divergence = divergence
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Return the loss averaged over the positions where ``mask`` (bool, leading dims) is true."""
+        return kd_loss(
+            student_logits, teacher_logits, temperature=self.temperature, divergence=self.divergence, mask=mask
+        )
+
+    def extra_repr(self) -> str:
+        """Show the hyper-parameters in ``repr``."""
+        return f"temperature={self.temperature!r}, divergence={self.divergence!r}"
+
+
+class DistillationLoss(nn.Module):
+    """``alpha * KD + (1 - alpha) * CE``; see :func:`~lightning_distill.losses.functional.distillation_loss`.
+
+    ``alpha`` weights the distillation term (MNN / Intel Neural Compressor / ModelOpt convention; torchdistill's
+    ``alpha`` is ``1 - alpha`` here).
+
+    Args:
+        alpha: Weight of the distillation term, in ``[0, 1]``.
+        temperature: Softmax temperature of the distillation term, ``> 0``.
+        divergence: ``"kl"``, ``"reverse_kl"``, ``"soft_ce"``, ``"js"`` or ``"mse"``.
+        ignore_index: Target value whose positions are left out of both terms.
+
+    Raises:
+        ValueError: If a hyper-parameter is out of range.
+
+    Example::
+
+        >>> import torch
+        >>> loss_fn = DistillationLoss(alpha=0.9, temperature=2.0)
+        >>> loss_fn
+        DistillationLoss(alpha=0.9, temperature=2.0, divergence='kl', ignore_index=-100)
+        >>> s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+        >>> t = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> round(loss_fn(s, t, torch.tensor([0, 2])).item(), 4)
+        0.2671
+        >>> {name: round(value.item(), 4) for name, value in loss_fn.terms(s, t, torch.tensor([0, 2])).items()}
+        {'loss': 0.2671, 'task_loss': 0.8139, 'kd_loss': 0.2064}
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.5,
+        temperature: float = 1.0,
+        divergence: Divergence = "kl",
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+        self.temperature = check_temperature(temperature)
+        check_divergence(divergence)
+        self.divergence: Divergence = divergence
+        self.ignore_index = _check_ignore_index(ignore_index)
+
+    def terms(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Return ``{"loss", "task_loss", "kd_loss"}``; ``target=None`` needs ``alpha=1.0``."""
+        return distillation_loss_terms(
+            student_logits,
+            teacher_logits,
+            target,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            mask=mask,
+            ignore_index=self.ignore_index,
+        )
+
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """Return the combined loss; ``target=None`` needs ``alpha=1.0``."""
+        return self.terms(student_logits, teacher_logits, target, mask)["loss"]
+
+    def extra_repr(self) -> str:
+        """Show the hyper-parameters in ``repr``."""
+        return (
+            f"alpha={self.alpha!r}, temperature={self.temperature!r}, divergence={self.divergence!r}, "
+            f"ignore_index={self.ignore_index!r}"
+        )
