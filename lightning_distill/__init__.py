@@ -1,0 +1,13 @@
+"""lightning-distill: knowledge distillation for PyTorch Lightning as a one-line addition.
+
+Add :class:`DistillationCallback` (it owns the frozen teacher) to the Trainer and train a :class:`DistillModule`
+(it owns the loss) as the student.
+"""
+
+from lightning_distill.callback import DistillationCallback
+from lightning_distill.module import DistillModule
+from lightning_distill.teacher import TeacherOutputs
+
+__version__ = "0.1.0"
+
+__all__ = ["DistillModule", "DistillationCallback", "TeacherOutputs", "__version__"]

@@ -1,0 +1,232 @@
+"""DistillationCallback: owns the teacher's whole lifecycle inside a Lightning ``Trainer``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_distill.module import DistillModule
+from lightning_distill.teacher import TeacherRunner, load_teacher_checkpoint, teacher_fingerprint
+
+_SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+
+
+class DistillationCallback(L.Callback):
+    r"""Runs a frozen teacher beside a :class:`~lightning_distill.DistillModule` student.
+
+    The callback holds the teacher, so the teacher never enters the student's ``state_dict``, ``parameters()``,
+    optimizer or strategy wrapper. In ``setup`` the teacher is placed on the student's device and precision; in
+    ``on_train_batch_start`` it runs once on the batch's inputs under ``torch.no_grad()`` and the Trainer's precision
+    context, and its outputs are handed to the module with
+    :meth:`~lightning_distill.DistillModule.set_teacher_outputs`; they are cleared in ``on_train_batch_end``.
+
+    Args:
+        teacher: The teacher model; frozen and kept in eval mode. Its output must be logits (a tensor, ``.logits`` or
+            ``["logits"]``) unless ``logits_layer`` is given.
+        teacher_checkpoint: Optional Lightning ``.ckpt`` or plain ``state_dict`` file loaded strictly into
+            ``teacher`` at construction (one wrapping prefix such as ``"net."`` is stripped when that makes it match).
+        logits_layer: Optional dotted name of an inner teacher layer whose output are the logits (for a teacher that
+            ends in softmax, take the layer before it).
+        run_on_validation: Also run the teacher on validation batches, so the module logs ``val/teacher_acc``,
+            ``val/agreement`` and ``val/kd_loss``.
+        check_finite: Check the teacher's logits for NaN/inf on every training batch (one device synchronisation per
+            step) and raise naming the step. The first batch is always checked.
+        allow_untested: Run under a strategy other than single-device and DDP, whose teacher handling is untested.
+
+    Raises:
+        TypeError: For a teacher that is not an ``nn.Module`` or is ``DataParallel``-wrapped.
+        ValueError: For a ``logits_layer`` that does not exist or a checkpoint that does not match.
+        FileNotFoundError: For a ``teacher_checkpoint`` that does not exist.
+
+    Example::
+
+        >>> from torch import nn
+        >>> cb = DistillationCallback(nn.Linear(40, 10))
+        >>> cb.teacher.training, any(p.requires_grad for p in cb.teacher.parameters())
+        (False, False)
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        teacher_checkpoint: str | Path | None = None,
+        logits_layer: str | None = None,
+        run_on_validation: bool = True,
+        check_finite: bool = True,
+        allow_untested: bool = False,
+    ) -> None:
+        if teacher_checkpoint is not None and isinstance(teacher, nn.Module):
+            load_teacher_checkpoint(teacher, teacher_checkpoint)
+        self._runner = TeacherRunner(teacher, logits_layer=logits_layer)
+        self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
+        self.run_on_validation = run_on_validation
+        self.check_finite = check_finite
+        self.allow_untested = allow_untested
+        self.fingerprint = teacher_fingerprint(teacher)
+        self._loaded_fingerprint: str | None = None
+        self._first_batch_checked = False
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher model."""
+        return self._runner.teacher
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in a checkpoint (one entry per teacher architecture)."""
+        return self._generate_state_key(teacher=type(self.teacher).__qualname__, logits_layer=self._runner.logits_layer)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, DistillModule):
+            raise TypeError(
+                f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__}. HINT: subclass "
+                "`lightning_distill.DistillModule`, or wrap your network: `DistillModule(student=net, ...)`."
+            )
+        strategy = trainer.strategy
+        if not isinstance(strategy, _SUPPORTED_STRATEGIES) and not self.allow_untested:
+            raise RuntimeError(
+                f"DistillationCallback does not support the strategy {type(strategy).__name__} yet: the teacher's "
+                "placement under it is untested. Supported: single device, ddp, ddp_spawn, ddp_fork/ddp_notebook. "
+                "HINT: pass `allow_untested=True` to try anyway."
+            )
+        student_params = {id(p) for p in pl_module.parameters()}
+        shared = [n for n, p in self.teacher.named_parameters() if id(p) in student_params]
+        if shared:
+            raise ValueError(
+                f"The teacher shares parameters with the student ({shared[:5]}): distillation needs a separate, frozen "
+                "teacher. HINT: pass `copy.deepcopy(model)` as the teacher."
+            )
+        self._runner.place(strategy.root_device, trainer.precision_plugin.convert_module)
+        self._runner.attach_hooks()
+        self._first_batch_checked = False
+        if stage == "fit" and pl_module.alpha == 0.0:
+            rank_zero_warn(
+                "DistillModule has alpha=0.0, so the KD term has no weight: the teacher runs on every training batch "
+                "but does not change the student. HINT: remove DistillationCallback to train the student alone."
+            )
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._loaded_fingerprint is not None and self._loaded_fingerprint != self.fingerprint:
+            rank_zero_warn(
+                f"Resuming with a different teacher: the checkpoint was trained with teacher fingerprint "
+                f"{self._loaded_fingerprint}, this teacher's is {self.fingerprint}. The student will be distilled "
+                "from the new teacher from here on."
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        module = _as_distill_module(pl_module)
+        inputs, target = module.split_batch(batch)
+        outputs = self._runner.run(inputs, trainer.precision_plugin.forward_context())
+        if self.check_finite or not self._first_batch_checked:
+            _check_finite(outputs.logits, trainer, batch_idx)
+        if not self._first_batch_checked:
+            self._first_batch_checked = True
+            if target is not None:
+                _warn_if_chance_level(outputs.logits, target, module.ignore_index)
+        module.set_teacher_outputs(outputs)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        _as_distill_module(pl_module).set_teacher_outputs(None)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.run_on_validation:
+            module = _as_distill_module(pl_module)
+            inputs, _ = module.split_batch(batch)
+            module.set_teacher_outputs(self._runner.run(inputs, trainer.precision_plugin.forward_context()))
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        _as_distill_module(pl_module).set_teacher_outputs(None)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(pl_module, DistillModule):
+            pl_module.set_teacher_outputs(None)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._runner.remove_hooks()
+        if isinstance(pl_module, DistillModule):
+            pl_module.set_teacher_outputs(None)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "teacher_fingerprint": self.fingerprint,
+            "teacher_class": type(self.teacher).__qualname__,
+            "teacher_checkpoint": self.teacher_checkpoint,
+            "logits_layer": self._runner.logits_layer,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_fingerprint = state_dict.get("teacher_fingerprint")
+
+
+def _as_distill_module(pl_module: L.LightningModule) -> DistillModule:
+    if not isinstance(pl_module, DistillModule):  # setup() has refused this already; keeps type checkers honest
+        raise TypeError(f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__}.")
+    return pl_module
+
+
+def _check_finite(logits: Tensor, trainer: L.Trainer, batch_idx: int) -> None:
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise FloatingPointError(
+            f"The teacher's logits contain {bad} NaN/inf value(s) out of {logits.numel()} at global step "
+            f"{trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}). HINT: check the teacher's "
+            "checkpoint and the input batch; under 16-mixed precision, try bf16-mixed or 32-true."
+        )
+
+
+def _warn_if_chance_level(logits: Tensor, target: Tensor, ignore_index: int) -> None:
+    """Warn when the teacher's first-batch accuracy is not clearly above chance (an untrained or unloaded teacher).
+
+    "Clearly" is three binomial standard deviations above chance; the check is skipped when the batch is too small
+    for that bound to be below 100 %.
+    """
+    if target.shape != logits.shape[:-1] or target.is_floating_point():
+        return
+    counted = target != ignore_index
+    n = int(counted.sum())
+    num_classes = logits.shape[-1]
+    chance = 1.0 / num_classes
+    bound = chance + 3.0 * math.sqrt(chance * (1.0 - chance) / max(n, 1))
+    if n == 0 or bound >= 1.0:
+        return
+    accuracy = float((logits.argmax(-1) == target)[counted].float().mean())
+    if accuracy < bound:
+        rank_zero_warn(
+            f"The teacher's top-1 accuracy on the first training batch is {accuracy:.1%} ({n} samples, {num_classes} "
+            f"classes, chance {chance:.1%}): it looks untrained. HINT: load its weights with "
+            "`DistillationCallback(teacher, teacher_checkpoint=...)`."
+        )

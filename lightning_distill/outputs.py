@@ -1,0 +1,60 @@
+"""How inputs are fed to a model and logits read from what it returns (teacher and student alike)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+
+def call_with_inputs(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on the inputs part of a batch.
+
+    A mapping is passed as keyword arguments (``model(**inputs)``, as Hugging Face models expect), anything else as
+    the single positional argument.
+
+    Example::
+
+        >>> call_with_inputs(nn.Identity(), torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def extract_logits(output: Any, *, role: str) -> Tensor:
+    """Return the logits from a model's output.
+
+    Accepted outputs: a tensor, an object with a ``.logits`` tensor attribute (Hugging Face ``ModelOutput``), or a
+    mapping with a ``"logits"`` key.
+
+    Args:
+        output: What the model returned.
+        role: ``"teacher"`` or ``"student"``, for the error message.
+
+    Raises:
+        TypeError: If no logits tensor can be found; the message says what was returned and how to fix it.
+
+    Example::
+
+        >>> extract_logits({"logits": torch.zeros(2, 3)}, role="teacher").shape
+        torch.Size([2, 3])
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    hint = (
+        " HINT: pass `logits_layer='<name of the layer that outputs the logits>'` to DistillationCallback."
+        if role == "teacher"
+        else " HINT: make `forward` return the logits tensor (or an object with `.logits`)."
+    )
+    raise TypeError(
+        f"Cannot find logits in the {role}'s output of type {type(output).__name__}: expected a tensor, an object "
+        f"with a `.logits` tensor, or a mapping with a 'logits' key.{hint}"
+    )

@@ -1,0 +1,223 @@
+"""The frozen teacher: its outputs, how it is loaded, fingerprinted, frozen, placed and run.
+
+:class:`TeacherRunner` is a plain object, not a Lightning hook: :class:`~lightning_distill.DistillationCallback`
+drives it from the Trainer's hooks, and loop-level APIs can drive the same engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_distill.layers import find_layer
+from lightning_distill.outputs import call_with_inputs, extract_logits
+
+_SAMPLES_PER_TENSOR = 4096
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """What the teacher produced for the current batch; computed without gradient and never modified.
+
+    Attributes:
+        logits: Teacher logits, classes in the last dimension: ``(B, C)`` or ``(B, L, V)``.
+        features: Captured intermediate outputs keyed by layer name (empty unless features were requested).
+
+    Example::
+
+        >>> out = TeacherOutputs(torch.zeros(4, 10))
+        >>> out.logits.shape, dict(out.features)
+        (torch.Size([4, 10]), {})
+    """
+
+    logits: Tensor
+    features: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+def load_teacher_checkpoint(teacher: nn.Module, path: str | Path) -> None:
+    """Load a Lightning ``.ckpt`` or a plain ``state_dict`` file into ``teacher``, strictly.
+
+    A Lightning checkpoint's ``"state_dict"`` entry is used. When the teacher was trained inside a LightningModule
+    that held it as an attribute (``self.net = teacher``), the keys carry that prefix (``"net.conv.weight"``): a
+    single leading prefix is stripped when that makes the keys match the teacher's exactly. Anything else must
+    match exactly.
+
+    Args:
+        teacher: The model to load into (in place).
+        path: File written by ``trainer.save_checkpoint`` / ``ModelCheckpoint`` or ``torch.save(model.state_dict())``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file holds no state dict, or its keys or shapes do not match the teacher's; the message
+            lists missing, unexpected and mis-shaped keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`teacher_checkpoint` {str(path)!r} does not exist or is not a file.")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        raise ValueError(
+            f"`teacher_checkpoint` {str(path)!r} could not be read as a checkpoint with `torch.load(weights_only=True)`"
+            f": {err}. HINT: save the teacher's weights with `torch.save(teacher.state_dict(), path)`."
+        ) from err
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"`teacher_checkpoint` {str(path)!r} holds no state dict (got {type(loaded).__name__}). HINT: pass a "
+            "Lightning checkpoint or a file written by `torch.save(teacher.state_dict(), path)`."
+        )
+    state = _match_prefix(dict(state), set(teacher.state_dict()))
+    expected = teacher.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs teacher {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mis_shaped:
+        raise ValueError(
+            f"`teacher_checkpoint` {str(path)!r} does not match the teacher ({type(teacher).__name__}): "
+            f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}, shape mismatches {mis_shaped[:10]}. "
+            "HINT: build the teacher with the same architecture and arguments it was trained with."
+        )
+    teacher.load_state_dict(state, strict=True)
+
+
+def _match_prefix(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """Strip one leading ``"<name>."`` from the keys when exactly that makes them equal ``expected``."""
+    if set(state) == expected:
+        return state
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in state if "." in k}):
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(stripped) == expected:
+            return stripped
+    return state
+
+
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """Return a short hash identifying the teacher's architecture and weights.
+
+    The hash covers every state entry's name, shape and dtype, and a fixed strided sample of up to 4096 of its
+    values (so fingerprinting a large teacher costs little). Two teachers that differ only in weights outside the
+    sample would collide; in practice trained weights differ everywhere.
+
+    Example::
+
+        >>> torch.manual_seed(0) is not None
+        True
+        >>> a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+        >>> teacher_fingerprint(a) == teacher_fingerprint(a), teacher_fingerprint(a) == teacher_fingerprint(b)
+        (True, False)
+    """
+    digest = hashlib.sha256()
+    for name, tensor in teacher.state_dict().items():
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel():
+            step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+            sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.float64)
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class TeacherRunner:
+    """Holds a frozen teacher in eval mode, places it, and runs it once per batch without gradient.
+
+    Args:
+        teacher: The teacher model. Its parameters are frozen (``requires_grad_(False)``) and it is put in eval mode.
+        logits_layer: Optional dotted name of an inner layer whose output are the logits, for teachers that end in a
+            softmax or return something else (the output of that layer is captured by a forward hook).
+
+    Raises:
+        TypeError: If ``teacher`` is not an ``nn.Module`` or is wrapped in ``DataParallel`` /
+            ``DistributedDataParallel``.
+        ValueError: If ``logits_layer`` names no layer of the teacher (the message lists the closest names).
+
+    Example::
+
+        >>> runner = TeacherRunner(nn.Linear(4, 3))
+        >>> runner.run(torch.ones(2, 4)).logits.shape
+        torch.Size([2, 3])
+        >>> runner.teacher.training, runner.teacher.weight.requires_grad
+        (False, False)
+    """
+
+    def __init__(self, teacher: nn.Module, logits_layer: str | None = None) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"`teacher` must be a torch.nn.Module, got {type(teacher).__name__}.")
+        if isinstance(teacher, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise TypeError(
+                f"`teacher` is wrapped in {type(teacher).__name__}; the teacher must stay unwrapped (it is frozen and "
+                "each process runs its own replica). HINT: pass `teacher.module`."
+            )
+        self.teacher = teacher
+        self.logits_layer = logits_layer
+        if logits_layer is not None:
+            find_layer(teacher, logits_layer, role="teacher")
+        self._captured: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        self.freeze()
+
+    def freeze(self) -> None:
+        """Turn off gradients for every teacher parameter and put the teacher in eval mode."""
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+    def place(self, device: torch.device, convert: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        """Move the teacher to ``device`` and, when given, apply a dtype conversion (a ``*-true`` precision)."""
+        self.teacher.to(device)
+        if convert is not None:
+            self.teacher = convert(self.teacher)
+        self.freeze()
+
+    def attach_hooks(self) -> None:
+        """Register the forward hooks that capture requested layer outputs (idempotent)."""
+        if self._handles or self.logits_layer is None:
+            return
+        layer = find_layer(self.teacher, self.logits_layer, role="teacher")
+        self._handles.append(layer.register_forward_hook(self._capture_hook(self.logits_layer)))
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this runner registered on the teacher."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._captured.clear()
+
+    def _capture_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self._captured[name] = output
+
+        return hook
+
+    @torch.no_grad()
+    def run(self, inputs: Any, context: contextlib.AbstractContextManager[Any] | None = None) -> TeacherOutputs:
+        """Run the teacher on the inputs part of a batch and return its outputs.
+
+        Args:
+            inputs: A tensor, or a mapping passed as keyword arguments.
+            context: The context to run under (the Trainer's precision context); none by default.
+
+        Raises:
+            TypeError: If the output holds no logits (see :func:`~lightning_distill.outputs.extract_logits`).
+        """
+        self.attach_hooks()
+        if self.teacher.training:
+            self.teacher.eval()
+        self._captured.clear()
+        with context if context is not None else contextlib.nullcontext():
+            output = call_with_inputs(self.teacher, inputs)
+        if self.logits_layer is not None:
+            output = self._captured.pop(self.logits_layer)
+        return TeacherOutputs(logits=extract_logits(output, role="teacher").detach())
