@@ -1,0 +1,51 @@
+"""DDP on CPU (gloo): one frozen, unwrapped teacher replica per process."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_distill import DistillationCallback, DistillModule
+from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, tiny_student
+
+
+class RankChecks(L.Callback):
+    """Runs inside every process; an assertion error fails the whole fit."""
+
+    def __init__(self, teacher_callback: DistillationCallback) -> None:
+        self.teacher_callback = teacher_callback
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        teacher = self.teacher_callback.teacher
+        assert isinstance(trainer.strategy.model, DistributedDataParallel)
+        assert not isinstance(teacher, DistributedDataParallel)
+        assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+        wrapped = {id(p) for p in trainer.strategy.model.parameters()}
+        assert not wrapped & {id(p) for p in teacher.parameters()}
+
+    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        gathered = pl_module.all_gather(flat)
+        assert gathered.shape[0] == 2 and torch.equal(gathered[0], gathered[1])
+        teacher_flat = torch.cat([p.flatten() for p in self.teacher_callback.teacher.parameters()])
+        teachers = pl_module.all_gather(teacher_flat)
+        assert torch.equal(teachers[0], teachers[1])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_spawn_two_processes_keeps_teacher_unwrapped_and_students_equal(tmp_path):
+    torch.manual_seed(0)
+    teacher_callback = DistillationCallback(TinyTeacher())
+    module = DistillModule(student=tiny_student(), alpha=0.5, temperature=2.0)
+    trainer = make_trainer(
+        tmp_path,
+        strategy="ddp_spawn",
+        devices=2,
+        limit_train_batches=3,
+        callbacks=[teacher_callback, RankChecks(teacher_callback)],
+    )
+    trainer.fit(module, make_loader(n=96, batch_size=8))
+    assert trainer.state.finished
