@@ -1,0 +1,5 @@
+"""Data modules for the demos and benchmarks."""
+
+from lightning_distill.data.mnist1d import MNIST1DDataModule
+
+__all__ = ["MNIST1DDataModule"]
