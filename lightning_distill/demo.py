@@ -45,7 +45,7 @@ class DemoConfig:
     """
 
     output: Path = Path("demo_output")
-    seeds: int = 3
+    seeds: int = 5
     teacher_epochs: int = 30
     student_epochs: int = 30
     hidden: int = 256
@@ -179,9 +179,11 @@ def _plot(config: DemoConfig, results: Sequence[RunResult]) -> None:
         accs = [100 * r.test_acc for r in results if r.model == model]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         bars.bar(i, statistics.mean(accs), yerr=std, capsize=6, color=f"C{i}")
+        bars.annotate(f"{statistics.mean(accs):.1f}", (i, statistics.mean(accs) + std + 1), ha="center", va="bottom")
         bars.scatter([i] * len(accs), accs, color="black", s=12, zorder=3)
     bars.set_xticks(range(len(models)), models)
     bars.set_ylabel("test accuracy (%)")
+    bars.set_ylim(0, 105)
     bars.set_title("MNIST-1D: test accuracy (bars: mean ± std over seeds)")
     for i, model in enumerate(models):
         seeds = [r.seed for r in results if r.model == model]

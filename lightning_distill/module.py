@@ -15,15 +15,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_distill.losses.functional import (
-    Divergence,
-    check_alpha,
-    check_divergence,
-    check_temperature,
-    cross_entropy,
-    distillation_loss_terms,
-    kd_loss,
-)
+from lightning_distill.losses.functional import Divergence, cross_entropy, kd_loss
+from lightning_distill.losses.kd import DistillationLoss
 from lightning_distill.outputs import call_with_inputs, extract_logits
 from lightning_distill.teacher import TeacherOutputs
 
@@ -90,10 +83,9 @@ class DistillModule(L.LightningModule):
         if student is not None and not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
         self.student = student
-        self.alpha = check_alpha(alpha)
-        self.temperature = check_temperature(temperature)
-        self.divergence: Divergence = check_divergence(divergence)
-        self.ignore_index = ignore_index
+        self.criterion = DistillationLoss(
+            alpha=alpha, temperature=temperature, divergence=divergence, ignore_index=ignore_index
+        )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._teacher_outputs: TeacherOutputs | None = None
@@ -119,6 +111,26 @@ class DistillModule(L.LightningModule):
         for key in ("student", "optimizer", "lr_scheduler"):
             if callable(self.hparams.get(key)):
                 del self.hparams[key]
+
+    @property
+    def alpha(self) -> float:
+        """Weight of the KD term."""
+        return self.criterion.alpha
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature of the KD term."""
+        return self.criterion.temperature
+
+    @property
+    def divergence(self) -> Divergence:
+        """Name of the divergence of the KD term."""
+        return self.criterion.divergence
+
+    @property
+    def ignore_index(self) -> int:
+        """Target value left out of both loss terms and the metrics."""
+        return self.criterion.ignore_index
 
     # ----------------------------------------------------------------------------------------------- teacher hand-off
     def set_teacher_outputs(self, outputs: TeacherOutputs | None) -> None:
@@ -213,16 +225,7 @@ class DistillModule(L.LightningModule):
                 raise ValueError("Training without a teacher needs labels, but the batch has no target.")
             task = cross_entropy(student_logits, target, mask=mask, ignore_index=self.ignore_index)
             return {"loss": task, "task_loss": task}
-        return distillation_loss_terms(
-            student_logits,
-            teacher_outputs.logits,
-            target,
-            alpha=self.alpha,
-            temperature=self.temperature,
-            divergence=self.divergence,
-            mask=mask,
-            ignore_index=self.ignore_index,
-        )
+        return self.criterion.terms(student_logits, teacher_outputs.logits, target, mask=mask)
 
     # -------------------------------------------------------------------------------------------------------- steps
     @override
