@@ -35,8 +35,8 @@ class DistillationCallback(L.Callback):
             ``teacher`` at construction (one wrapping prefix such as ``"net."`` is stripped when that makes it match).
         logits_layer: Optional dotted name of an inner teacher layer whose output are the logits (for a teacher that
             ends in softmax, take the layer before it).
-        run_on_validation: Also run the teacher on validation batches, so the module logs ``val/teacher_acc``,
-            ``val/agreement`` and ``val/kd_loss``.
+        run_on_validation: Also run the teacher on validation and test batches, so the module logs
+            ``val/teacher_acc``, ``val/agreement`` and ``val/kd_loss`` (``test/...`` likewise).
         check_finite: Check the teacher's logits for NaN/inf on every training batch (one device synchronisation per
             step) and raise naming the step. The first batch is always checked.
         allow_untested: Run under a strategy other than single-device and DDP, whose teacher handling is untested.
@@ -149,10 +149,7 @@ class DistillationCallback(L.Callback):
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self.run_on_validation:
-            module = _as_distill_module(pl_module)
-            inputs, _ = module.split_batch(batch)
-            module.set_teacher_outputs(self._runner.run(inputs, trainer.precision_plugin.forward_context()))
+        self._run_for_evaluation(trainer, pl_module, batch)
 
     @override
     def on_validation_batch_end(
@@ -165,6 +162,30 @@ class DistillationCallback(L.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         _as_distill_module(pl_module).set_teacher_outputs(None)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._run_for_evaluation(trainer, pl_module, batch)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        _as_distill_module(pl_module).set_teacher_outputs(None)
+
+    def _run_for_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        if self.run_on_validation:
+            module = _as_distill_module(pl_module)
+            inputs, _ = module.split_batch(batch)
+            module.set_teacher_outputs(self._runner.run(inputs, trainer.precision_plugin.forward_context()))
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

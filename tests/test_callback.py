@@ -210,3 +210,10 @@ def test_resuming_with_a_different_teacher_warns(tmp_path):
     other = make_trainer(tmp_path, max_epochs=2, callbacks=[DistillationCallback(TinyTeacher())])
     with pytest.warns(UserWarning, match="different teacher"):
         other.fit(student_module(), make_loader(), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_test_stage_logs_teacher_metrics_too(tmp_path):
+    trainer = make_trainer(tmp_path, limit_test_batches=2, callbacks=[DistillationCallback(trained_teacher())])
+    (metrics,) = trainer.test(student_module(), make_loader(), verbose=False)
+    assert {"test/acc", "test/teacher_acc", "test/agreement", "test/kd_loss"} <= set(metrics)
+    assert metrics["test/teacher_acc"] > 0.8
