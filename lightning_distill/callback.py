@@ -73,6 +73,8 @@ class DistillationCallback(L.Callback):
         self.allow_untested = allow_untested
         self.fingerprint = teacher_fingerprint(teacher)
         self._loaded_fingerprint: str | None = None
+        # Lightning reads `state_key` on every hook call; the teacher's class and logits layer never change.
+        self._state_key = self._generate_state_key(teacher=type(teacher).__qualname__, logits_layer=logits_layer)
         self._first_batch_checked = False
 
     @property
@@ -83,7 +85,7 @@ class DistillationCallback(L.Callback):
     @property
     def state_key(self) -> str:
         """Key of this callback's state in a checkpoint (one entry per teacher architecture)."""
-        return self._generate_state_key(teacher=type(self.teacher).__qualname__, logits_layer=self._runner.logits_layer)
+        return self._state_key
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

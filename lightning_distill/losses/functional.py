@@ -186,9 +186,11 @@ def _check_target(target: Tensor, lead_shape: tuple[int, ...]) -> None:
 
 
 def _check_target_range(target_rows: Tensor, num_classes: int, ignore_index: int) -> None:
-    bad = (target_rows < 0) | (target_rows >= num_classes)
-    if bool(bad.any()):
-        value = int(target_rows[bad][0])
+    if target_rows.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(target_rows))
+    if low < 0 or high >= num_classes:
+        value = low if low < 0 else high
         raise ValueError(
             f"`target` holds class index {value}, outside [0, {num_classes}) for {num_classes} classes. HINT: mark "
             f"positions to skip with `ignore_index` (currently {ignore_index})."
@@ -218,6 +220,8 @@ def _keep(target: Tensor | None, mask: Tensor | None, ignore_index: int, device:
 
 def _rows(x: Tensor, keep: Tensor | None) -> Tensor:
     """Flatten the leading dims of ``x`` and keep the counted rows (one boolean-index pass)."""
+    if keep is None and x.ndim == 2:
+        return x  # already (N, C): no view, so no extra autograd node
     flat = x.reshape(-1, x.shape[-1])
     return flat if keep is None else flat[keep]
 
@@ -234,37 +238,37 @@ def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.maximum(log_p, log_q) + torch.log1p(0.5 * torch.expm1(-(log_p - log_q).abs()))
 
 
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p || q)`` per row; clamped at 0 so rounding never yields a (tiny) negative divergence."""
-    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1).clamp(min=0.0)
+def _kl_sum(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q)`` summed over rows and classes of ``(N, C)`` log-probabilities."""
+    return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
 
 
-def _divergence_rows(student: Tensor, teacher: Tensor, temperature: float, divergence: Divergence) -> Tensor:
-    """Per-row distillation loss (with the T² factor) of ``(N, C)`` logits already upcast."""
+def _divergence_mean(student: Tensor, teacher: Tensor, temperature: float, divergence: Divergence) -> Tensor:
+    """Mean over the ``(N, C)`` rows (already selected and upcast) of the distillation loss, with the T² factor.
+
+    No rows give a zero that is still attached to the graph. KL and JS are clamped at 0 so rounding never yields a
+    (tiny) negative divergence.
+    """
+    rows = max(student.shape[0], 1)
     if divergence == "mse":
-        return (student - teacher).pow(2).mean(dim=-1)
+        return F.mse_loss(student, teacher, reduction="sum") / max(student.numel(), 1)
     log_s = _log_probs(student, temperature)
     log_t = _log_probs(teacher, temperature)
+    if divergence == "soft_ce":
+        return -(log_t.exp() * log_s).sum() / rows * temperature**2
     if divergence == "kl":
-        rows = _kl_rows(log_t, log_s)
+        total = _kl_sum(log_t, log_s)
     elif divergence == "reverse_kl":
-        rows = _kl_rows(log_s, log_t)
-    elif divergence == "soft_ce":
-        rows = -(log_t.exp() * log_s).sum(dim=-1)
+        total = _kl_sum(log_s, log_t)
     else:  # "js"
         log_m = _log_mixture(log_t, log_s)
-        rows = 0.5 * (_kl_rows(log_t, log_m) + _kl_rows(log_s, log_m))
-    return rows * temperature**2
+        total = 0.5 * (_kl_sum(log_t, log_m) + _kl_sum(log_s, log_m))
+    return (total / rows * temperature**2).clamp(min=0.0)
 
 
-def _ce_rows(student: Tensor, target: Tensor) -> Tensor:
-    log_probs = F.log_softmax(student, dim=-1)
-    return -log_probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
-
-
-def _mean(rows: Tensor) -> Tensor:
-    """Mean over counted rows; no rows gives a zero that is still attached to the graph."""
-    return rows.sum() / max(rows.shape[0], 1)
+def _cross_entropy_mean(student: Tensor, target: Tensor) -> Tensor:
+    """Hard-label cross-entropy averaged over the selected ``(N, C)`` rows; no rows give an attached zero."""
+    return F.cross_entropy(student, target.long(), reduction="sum") / max(student.shape[0], 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,7 +342,7 @@ def kd_loss(
     dtype = _compute_dtype(student_logits, teacher_logits)
     student = _rows(student_logits, keep).to(dtype)
     teacher = _rows(teacher_logits, keep).to(dtype)
-    return _mean(_divergence_rows(student, teacher, temperature, divergence))
+    return _divergence_mean(student, teacher, temperature, divergence)
 
 
 def cross_entropy(
@@ -387,7 +391,7 @@ def cross_entropy(
     target_rows = _rows(target.unsqueeze(-1), keep).squeeze(-1)
     _check_target_range(target_rows, student_logits.shape[-1], ignore_index)
     student = _rows(student_logits, keep).to(_compute_dtype(student_logits))
-    return _mean(_ce_rows(student, target_rows))
+    return _cross_entropy_mean(student, target_rows)
 
 
 def distillation_loss_terms(
@@ -462,13 +466,13 @@ def distillation_loss_terms(
     dtype = _compute_dtype(student_logits, teacher_logits)
     student = _rows(student_logits, keep).to(dtype)
     teacher = _rows(teacher_logits, keep).to(dtype)
-    kd = _mean(_divergence_rows(student, teacher, temperature, divergence))
+    kd = _divergence_mean(student, teacher, temperature, divergence)
     if target is None:
         task = kd.new_zeros(())
     else:
         target_rows = _rows(target.unsqueeze(-1), keep).squeeze(-1)
         _check_target_range(target_rows, student_logits.shape[-1], ignore_index)
-        task = _mean(_ce_rows(student, target_rows))
+        task = _cross_entropy_mean(student, target_rows)
     return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd}
 
 

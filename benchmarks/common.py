@@ -1,0 +1,69 @@
+"""Helpers shared by the benchmark scripts: machine description, peak memory, quartiles."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+def machine_description(threads: int, load_at_start: float | None) -> list[str]:
+    """CPU, versions, threads and the load before the run, one markdown bullet each (with a warning when busy)."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = "n/a" if load_at_start is None else f"{load_at_start:.2f}"
+    lines = [
+        f"- CPU: {cpu} ({os.cpu_count()} logical cores), 1-min load average before the run {load}",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}",
+        f"- torch threads {torch.get_num_threads()} (--threads {threads}), "
+        f"interop threads {torch.get_num_interop_threads()}",
+    ]
+    if load_at_start is not None and load_at_start + threads > (os.cpu_count() or 1) + 0.5:
+        lines.append(
+            f"- WARNING: the machine was busy (load {load_at_start:.2f} on {os.cpu_count()} cores): with several "
+            "threads every OpenMP barrier can wait for a descheduled thread and steps slow down many-fold. "
+            "HINT: rerun when the machine is idle, or with --threads 1."
+        )
+    return lines
+
+
+def quartiles(values: Sequence[float]) -> list[float]:
+    """``[p25, p50, p75]`` (the value itself three times for a single value)."""
+    return statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0); ``False`` when that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        proc_status_mb("VmHWM")
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def proc_status_mb(key: str) -> float:
+    """A ``kB`` entry of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 2**10
+    raise ValueError(f"/proc/self/status has no {key!r} entry.")
+
+
+def maxrss_mb() -> float:
+    """Peak resident set size of this process in MB (``ru_maxrss`` is in KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
