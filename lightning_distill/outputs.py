@@ -16,6 +16,7 @@ def call_with_inputs(model: nn.Module, inputs: Any) -> Any:
 
     Example::
 
+        >>> import torch
         >>> call_with_inputs(nn.Identity(), torch.ones(2)).tolist()
         [1.0, 1.0]
     """
@@ -39,6 +40,7 @@ def extract_logits(output: Any, *, role: str) -> Tensor:
 
     Example::
 
+        >>> import torch
         >>> extract_logits({"logits": torch.zeros(2, 3)}, role="teacher").shape
         torch.Size([2, 3])
     """
