@@ -42,7 +42,8 @@ class DistillationCallback(L.Callback):
         allow_untested: Run under a strategy other than single-device and DDP, whose teacher handling is untested.
 
     Raises:
-        TypeError: For a teacher that is not an ``nn.Module`` or is ``DataParallel``-wrapped.
+        TypeError: For a teacher that is not an ``nn.Module`` or is ``DataParallel``-wrapped, a flag that is not a
+            bool, or a ``teacher_checkpoint`` that is not a path.
         ValueError: For a ``logits_layer`` that does not exist or a checkpoint that does not match.
         FileNotFoundError: For a ``teacher_checkpoint`` that does not exist.
 
@@ -64,9 +65,20 @@ class DistillationCallback(L.Callback):
         check_finite: bool = True,
         allow_untested: bool = False,
     ) -> None:
-        if teacher_checkpoint is not None and isinstance(teacher, nn.Module):
-            load_teacher_checkpoint(teacher, teacher_checkpoint)
+        for name, flag in (
+            ("run_on_validation", run_on_validation),
+            ("check_finite", check_finite),
+            ("allow_untested", allow_untested),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
+        if teacher_checkpoint is not None and not isinstance(teacher_checkpoint, (str, Path)):
+            raise TypeError(
+                f"`teacher_checkpoint` must be a path (str or Path), got {type(teacher_checkpoint).__name__}."
+            )
         self._runner = TeacherRunner(teacher, logits_layer=logits_layer)
+        if teacher_checkpoint is not None:
+            load_teacher_checkpoint(teacher, teacher_checkpoint)
         self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
         self.run_on_validation = run_on_validation
         self.check_finite = check_finite

@@ -56,7 +56,8 @@ class DistillModule(L.LightningModule):
 
     Raises:
         ValueError: For ``alpha`` outside ``[0, 1]``, a non-positive ``temperature`` or an unknown ``divergence``.
-        TypeError: For a ``student`` that is not an ``nn.Module``.
+        TypeError: For a ``student`` that is not an ``nn.Module``, or an ``optimizer`` / ``lr_scheduler`` that is an
+            instance rather than a factory.
 
     Example::
 
@@ -82,6 +83,15 @@ class DistillModule(L.LightningModule):
         super().__init__()
         if student is not None and not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
+        for name, factory, example in (
+            ("optimizer", optimizer, "functools.partial(torch.optim.Adam, lr=1e-3)"),
+            ("lr_scheduler", lr_scheduler, "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10)"),
+        ):
+            if factory is not None and not callable(factory):
+                raise TypeError(
+                    f"`{name}` must be a factory that builds it, got an instance of {type(factory).__name__}. "
+                    f"HINT: pass `{example}`."
+                )
         self.student = student
         self.criterion = DistillationLoss(
             alpha=alpha, temperature=temperature, divergence=divergence, ignore_index=ignore_index

@@ -132,3 +132,20 @@ def test_teacher_without_logits_suggests_logits_layer(tmp_path):
         make_trainer(tmp_path, callbacks=[DistillationCallback(TupleTeacher())]).fit(
             DistillModule(student=tiny_student(), alpha=0.5), make_loader()
         )
+
+
+@pytest.mark.parametrize("name", ["run_on_validation", "check_finite", "allow_untested"])
+def test_callback_flags_must_be_bools(name):
+    with pytest.raises(TypeError, match=rf"`{name}` must be True or False, got 'yes'"):
+        DistillationCallback(TinyTeacher(), **{name: "yes"})
+
+
+def test_teacher_checkpoint_must_be_a_path():
+    with pytest.raises(TypeError, match=r"`teacher_checkpoint` must be a path \(str or Path\), got dict"):
+        DistillationCallback(TinyTeacher(), teacher_checkpoint={"weight": 1})  # type: ignore[arg-type]
+
+
+def test_optimizer_instance_instead_of_factory_is_refused():
+    net = tiny_student()
+    with pytest.raises(TypeError, match=r"`optimizer` must be a factory.*got an instance of Adam.*functools\.partial"):
+        DistillModule(student=net, optimizer=torch.optim.Adam(net.parameters()))  # type: ignore[arg-type]
