@@ -31,6 +31,10 @@ def test_cli_trains_a_teacher_then_distills_from_its_checkpoint(workdir, capsys)
     assert checkpoint["hyper_parameters"]["alpha"] == 0.9
     main(["test", "--config", "configs/mnist1d_distill.yaml", "--ckpt_path", "runs/student/student.ckpt"])
     assert "test/acc" in capsys.readouterr().out
+    main(["validate", "--config", "configs/mnist1d_distill.yaml", "--ckpt_path", "runs/student/student.ckpt"])
+    out = capsys.readouterr().out
+    assert "val/acc" in out and "val/teacher_acc" in out
+    main(["predict", "--config", "configs/mnist1d_distill.yaml", "--ckpt_path", "runs/student/student.ckpt"])
 
 
 def test_usage_is_printed_without_arguments(capsys):
