@@ -177,23 +177,9 @@ class DistillationCallback(L.Callback):
     ) -> None:
         _as_distill_module(pl_module).set_teacher_outputs(None)
 
-    @override
-    def on_test_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._run_for_evaluation(trainer, pl_module, batch)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        _as_distill_module(pl_module).set_teacher_outputs(None)
+    # The test loop gets the same teacher run and clean-up as the validation loop.
+    on_test_batch_start = on_validation_batch_start
+    on_test_batch_end = on_validation_batch_end
 
     def _run_for_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if self.run_on_validation:
