@@ -136,3 +136,17 @@ def test_compute_loss_with_teacher_outputs_returns_all_terms():
     terms = module.compute_loss(logits, TeacherOutputs(logits.clone()), None)
     assert terms["loss"].item() == pytest.approx(0.0, abs=1e-6)
     assert terms["kd_loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_forward_without_student_or_override_says_what_to_do():
+    with pytest.raises(RuntimeError, match=r"DistillModule has no `student`: pass `student=`.*override `forward`"):
+        DistillModule()(torch.randn(2, 8))
+
+
+def test_student_returning_no_logits_is_explained():
+    class TupleNet(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    with pytest.raises(TypeError, match=r"Cannot find logits in the student's output of type tuple.*`forward`"):
+        DistillModule(student=TupleNet()).student_logits(torch.randn(2, 8))
