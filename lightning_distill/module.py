@@ -24,7 +24,6 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 LRSchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 TARGET_KEYS = ("labels", "label", "y", "target")
-_EVAL_STAGES = ("val", "test")
 
 
 class DistillModule(L.LightningModule):
@@ -99,12 +98,8 @@ class DistillModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._teacher_outputs: TeacherOutputs | None = None
-        self.eval_metrics = nn.ModuleDict(
-            {
-                stage: nn.ModuleDict({name: MeanMetric() for name in ("acc", "teacher_acc", "agreement")})
-                for stage in _EVAL_STAGES
-            }
-        )
+        # One MeanMetric per (stage, dataloader, rate), created on first use: see `_log_rate`.
+        self.eval_metrics = nn.ModuleDict()
         if type(self) is DistillModule:
             self._save_plain_hyperparameters()
 
@@ -251,12 +246,12 @@ class DistillModule(L.LightningModule):
         return terms["loss"]
 
     @override
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate("val", batch)
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, dataloader_idx)
 
     @override
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate("test", batch)
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -264,7 +259,7 @@ class DistillModule(L.LightningModule):
         inputs, _ = self.split_batch(batch)
         return self.student_logits(inputs)
 
-    def _evaluate(self, stage: str, batch: Any) -> None:
+    def _evaluate(self, stage: str, batch: Any, dataloader_idx: int) -> None:
         """Log ``{stage}/loss`` and ``{stage}/acc``; with teacher outputs also teacher accuracy, agreement, KD loss."""
         inputs, target = self.split_batch(batch)
         logits = self.student_logits(inputs)
@@ -274,24 +269,40 @@ class DistillModule(L.LightningModule):
         if target is not None:
             loss = cross_entropy(logits, target, ignore_index=self.ignore_index)
             self.log(f"{stage}/loss", loss, batch_size=batch_size, sync_dist=True, prog_bar=stage == "val")
-            self._log_rate(stage, "acc", preds == target, counted, prog_bar=stage == "val")
+            self._log_rate(stage, dataloader_idx, "acc", preds == target, counted, prog_bar=stage == "val")
         teacher = self._teacher_outputs
         if teacher is None:
             return
         teacher_preds = teacher.logits.argmax(-1)
-        self._log_rate(stage, "agreement", preds == teacher_preds, counted)
+        self._log_rate(stage, dataloader_idx, "agreement", preds == teacher_preds, counted)
         if target is not None:
-            self._log_rate(stage, "teacher_acc", teacher_preds == target, counted)
+            self._log_rate(stage, dataloader_idx, "teacher_acc", teacher_preds == target, counted)
         divergence = kd_loss(
             logits, teacher.logits, temperature=self.temperature, divergence=self.divergence, mask=counted
         )
         self.log(f"{stage}/kd_loss", divergence, batch_size=batch_size, sync_dist=True)
 
-    def _log_rate(self, stage: str, name: str, hits: Tensor, counted: Tensor, prog_bar: bool = False) -> None:
-        """Accumulate the fraction of counted positions that are hits and log it as ``{stage}/{name}``."""
-        metric = cast(MeanMetric, cast(nn.ModuleDict, self.eval_metrics[stage])[name])
+    def _log_rate(
+        self, stage: str, dataloader_idx: int, name: str, hits: Tensor, counted: Tensor, prog_bar: bool = False
+    ) -> None:
+        """Accumulate the fraction of counted positions that are hits and log it as ``{stage}/{name}``.
+
+        Each stage, dataloader and rate has its own ``MeanMetric`` (Lightning appends ``/dataloader_idx_<i>`` to the
+        key when there are several dataloaders), so rates are exact over all samples and synchronized across ranks.
+        """
+        key = f"{stage}_{dataloader_idx}_{name}"
+        if key not in self.eval_metrics:
+            self.eval_metrics[key] = MeanMetric().to(self.device)
+        metric = cast(MeanMetric, self.eval_metrics[key])
         metric.update(hits[counted].float())
-        self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=prog_bar)
+        self.log(
+            f"{stage}/{name}",
+            metric,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=prog_bar,
+            metric_attribute=f"eval_metrics.{key}",  # created after Lightning indexed the module's metrics
+        )
 
     # ---------------------------------------------------------------------------------------------------- optimizer
     @override

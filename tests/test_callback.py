@@ -217,3 +217,20 @@ def test_test_stage_logs_teacher_metrics_too(tmp_path):
     (metrics,) = trainer.test(student_module(), make_loader(), verbose=False)
     assert {"test/acc", "test/teacher_acc", "test/agreement", "test/kd_loss"} <= set(metrics)
     assert metrics["test/teacher_acc"] > 0.8
+
+
+def test_several_validation_dataloaders_get_their_own_metrics(tmp_path):
+    teacher = trained_teacher()
+    module = student_module()
+    loaders = [make_loader(n=32, batch_size=16), make_loader(n=32, batch_size=16, seed=5)]
+    trainer = make_trainer(tmp_path, callbacks=[DistillationCallback(teacher)])
+    metrics = trainer.validate(module, loaders, verbose=False)
+    assert len(metrics) == len(loaders)
+    for index, logged in enumerate(metrics):
+        x, y = next(iter(make_loader(n=32, batch_size=32, seed=index * 5)))
+        with torch.no_grad():
+            t_pred, s_pred = teacher(x).argmax(-1), module(x).argmax(-1)
+        suffix = f"/dataloader_idx_{index}"
+        assert logged[f"val/acc{suffix}"] == pytest.approx((s_pred == y).float().mean().item())
+        assert logged[f"val/teacher_acc{suffix}"] == pytest.approx((t_pred == y).float().mean().item())
+        assert logged[f"val/agreement{suffix}"] == pytest.approx((t_pred == s_pred).float().mean().item())
