@@ -218,6 +218,21 @@ def _keep(target: Tensor | None, mask: Tensor | None, ignore_index: int, device:
     return keep
 
 
+def _select(
+    target: Tensor | None, mask: Tensor | None, ignore_index: int, num_classes: int, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """The counted-position selector (see :func:`_keep`) and whether the targets are already known to be in range.
+
+    The common case, no mask and no ignored target, is settled by one ``aminmax`` (one device sync): every position
+    counts and every target is a valid class, so neither a selection nor a second range check is needed.
+    """
+    if mask is None and target is not None and target.numel():
+        low, high = (int(v) for v in torch.aminmax(target))
+        if 0 <= low and high < num_classes and not low <= ignore_index <= high:
+            return None, True
+    return _keep(target, mask, ignore_index, device), False
+
+
 def _rows(x: Tensor, keep: Tensor | None) -> Tensor:
     """Flatten the leading dims of ``x`` and keep the counted rows (one boolean-index pass)."""
     if keep is None and x.ndim == 2:
@@ -229,7 +244,8 @@ def _rows(x: Tensor, keep: Tensor | None) -> Tensor:
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:
     # -inf logits (masked vocabulary) would give 0 * (-inf) = NaN in the KL sum; the most negative finite value
     # gives the same probability (zero) without the NaN. Finite log-probabilities are untouched.
-    return F.log_softmax(logits / temperature, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
+    scaled = logits if temperature == 1.0 else logits / temperature
+    return F.log_softmax(scaled, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -249,13 +265,13 @@ def _divergence_mean(student: Tensor, teacher: Tensor, temperature: float, diver
     No rows give a zero that is still attached to the graph. KL and JS are clamped at 0 so rounding never yields a
     (tiny) negative divergence.
     """
-    rows = max(student.shape[0], 1)
+    scale = temperature**2 / max(student.shape[0], 1)  # T² and the mean over rows, in one multiplication
     if divergence == "mse":
         return F.mse_loss(student, teacher, reduction="sum") / max(student.numel(), 1)
     log_s = _log_probs(student, temperature)
     log_t = _log_probs(teacher, temperature)
     if divergence == "soft_ce":
-        return -(log_t.exp() * log_s).sum() / rows * temperature**2
+        return (log_t.exp() * log_s).sum() * -scale
     if divergence == "kl":
         total = _kl_sum(log_t, log_s)
     elif divergence == "reverse_kl":
@@ -263,12 +279,14 @@ def _divergence_mean(student: Tensor, teacher: Tensor, temperature: float, diver
     else:  # "js"
         log_m = _log_mixture(log_t, log_s)
         total = 0.5 * (_kl_sum(log_t, log_m) + _kl_sum(log_s, log_m))
-    return (total / rows * temperature**2).clamp(min=0.0)
+    return (total * scale).clamp(min=0.0)
 
 
 def _cross_entropy_mean(student: Tensor, target: Tensor) -> Tensor:
     """Hard-label cross-entropy averaged over the selected ``(N, C)`` rows; no rows give an attached zero."""
-    return F.cross_entropy(student, target.long(), reduction="sum") / max(student.shape[0], 1)
+    if student.shape[0] == 0:
+        return student.sum() * 0.0
+    return F.cross_entropy(student, target.long())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -387,9 +405,10 @@ def cross_entropy(
     lead_shape = tuple(student_logits.shape[:-1])
     _check_target(target, lead_shape)
     _check_mask(mask, lead_shape)
-    keep = _keep(target, mask, ignore_index, student_logits.device)
+    keep, in_range = _select(target, mask, ignore_index, student_logits.shape[-1], student_logits.device)
     target_rows = _rows(target.unsqueeze(-1), keep).squeeze(-1)
-    _check_target_range(target_rows, student_logits.shape[-1], ignore_index)
+    if not in_range:
+        _check_target_range(target_rows, student_logits.shape[-1], ignore_index)
     student = _rows(student_logits, keep).to(_compute_dtype(student_logits))
     return _cross_entropy_mean(student, target_rows)
 
@@ -462,7 +481,7 @@ def distillation_loss_terms(
     else:
         _check_target(target, lead_shape)
 
-    keep = _keep(target, mask, ignore_index, student_logits.device)
+    keep, in_range = _select(target, mask, ignore_index, student_logits.shape[-1], student_logits.device)
     dtype = _compute_dtype(student_logits, teacher_logits)
     student = _rows(student_logits, keep).to(dtype)
     teacher = _rows(teacher_logits, keep).to(dtype)
@@ -471,7 +490,8 @@ def distillation_loss_terms(
         task = kd.new_zeros(())
     else:
         target_rows = _rows(target.unsqueeze(-1), keep).squeeze(-1)
-        _check_target_range(target_rows, student_logits.shape[-1], ignore_index)
+        if not in_range:
+            _check_target_range(target_rows, student_logits.shape[-1], ignore_index)
         task = _cross_entropy_mean(student, target_rows)
     return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd}
 
