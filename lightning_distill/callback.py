@@ -121,7 +121,6 @@ class DistillationCallback(L.Callback):
                 "teacher. HINT: pass `copy.deepcopy(model)` as the teacher."
             )
         self._runner.place(strategy.root_device, trainer.precision_plugin.convert_module)
-        self._runner.attach_hooks()
         self._first_batch_checked = False
         if stage == "fit" and pl_module.alpha == 0.0:
             rank_zero_warn(

@@ -76,8 +76,8 @@ def load_teacher_checkpoint(teacher: nn.Module, path: str | Path) -> None:
             f"`teacher_checkpoint` {str(path)!r} holds no state dict (got {type(loaded).__name__}). HINT: pass a "
             "Lightning checkpoint or a file written by `torch.save(teacher.state_dict(), path)`."
         )
-    state = _match_prefix(dict(state), set(teacher.state_dict()))
     expected = teacher.state_dict()
+    state = _match_prefix(dict(state), set(expected))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = [

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_distill.data import MNIST1DDataModule
 from lightning_distill.data import mnist1d as mnist1d_module
+from tests.helpers.tiny import make_trainer
 
 mnist1d_data = pytest.importorskip("mnist1d.data")
 
@@ -205,16 +206,7 @@ class _Recorder(L.LightningModule):
 def _fit(tmp_path: object) -> list[torch.Tensor]:
     L.seed_everything(3, verbose=False)
     model = _Recorder()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=2,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(model, datamodule=MNIST1DDataModule(num_train=400, num_test=100))
     return model.first_labels
 
