@@ -9,13 +9,13 @@ from torch import Tensor, nn
 
 from lightning_distill.losses.functional import (
     Divergence,
-    _check_ignore_index,
     check_alpha,
     check_divergence,
     check_temperature,
     distillation_loss_terms,
     kd_loss,
 )
+from lightning_distill.losses.functional._common import _check_ignore_index
 
 __all__ = ["DistillationLoss", "KDLoss"]
 

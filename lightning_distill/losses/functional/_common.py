@@ -1,0 +1,234 @@
+"""Validation and row helpers shared by the functional losses (private: import from ``functional``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, cast, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Divergence = Literal["kl", "reverse_kl", "soft_ce", "js", "mse"]
+"""How the student's distribution is compared with the teacher's (see :func:`kd_loss`)."""
+
+_DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hyper-parameter validation (shared with the module twins and DistillModule)
+# --------------------------------------------------------------------------------------------------------------------
+def _is_real_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_alpha(alpha: float) -> float:
+    """Validate the weight of the distillation term and return it as a float.
+
+    Args:
+        alpha: Weight of the KD term; the task (cross-entropy) term gets ``1 - alpha``.
+
+    Raises:
+        ValueError: If ``alpha`` is not a number in ``[0, 1]``.
+
+    Example::
+
+        >>> check_alpha(0.9)
+        0.9
+    """
+    if not _is_real_number(alpha) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(
+            f"`alpha` must be in [0, 1], got {alpha!r}. It weights the distillation term: 1.0 is pure distillation, "
+            "0.0 plain supervised training."
+        )
+    return float(alpha)
+
+
+def check_temperature(temperature: float) -> float:
+    """Validate a softmax temperature and return it as a float.
+
+    Args:
+        temperature: Softmax temperature; must be finite and strictly positive.
+
+    Raises:
+        ValueError: If ``temperature`` is not a finite number greater than zero.
+
+    Example::
+
+        >>> check_temperature(4)
+        4.0
+    """
+    if not _is_real_number(temperature) or not (temperature > 0.0 and math.isfinite(temperature)):
+        raise ValueError(
+            f"`temperature` must be a finite number > 0, got {temperature!r}. HINT: 1.0 leaves the logits unchanged; "
+            "Hinton et al. use values between 1 and 20."
+        )
+    return float(temperature)
+
+
+def check_divergence(divergence: str) -> Divergence:
+    """Validate the name of a divergence and return it.
+
+    Args:
+        divergence: One of ``"kl"``, ``"reverse_kl"``, ``"soft_ce"``, ``"js"``, ``"mse"``.
+
+    Raises:
+        ValueError: If ``divergence`` is not one of the allowed names; the message lists them.
+
+    Example::
+
+        >>> check_divergence("js")
+        'js'
+    """
+    if not isinstance(divergence, str) or divergence not in _DIVERGENCES:
+        allowed = ", ".join(repr(name) for name in _DIVERGENCES)
+        raise ValueError(f"`divergence` must be one of {allowed}, got {divergence!r}.")
+    return cast(Divergence, divergence)
+
+
+def _check_ignore_index(ignore_index: int) -> int:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"`ignore_index` must be an int, got {ignore_index!r}.")
+    return ignore_index
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tensor validation
+# --------------------------------------------------------------------------------------------------------------------
+def _check_logits(name: str, logits: object) -> Tensor:
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}.")
+    if logits.ndim < 1 or not logits.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor with the classes in the last dimension, got dtype "
+            f"{logits.dtype} and shape {tuple(logits.shape)}."
+        )
+    return logits
+
+
+def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    _check_logits("student logits", student_logits)
+    _check_logits("teacher logits", teacher_logits)
+    if student_logits.shape == teacher_logits.shape:
+        return
+    s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
+    if s_shape[-1] != t_shape[-1]:
+        why = (
+            f"class counts differ ({s_shape[-1]} vs {t_shape[-1]}). HINT: the teacher and the student must score the "
+            "same label set in the same order; slice or project the teacher's logits first."
+        )
+    else:
+        why = "the leading (position) dimensions differ. HINT: both models must see the same batch."
+    raise ValueError(f"student logits {s_shape} and teacher logits {t_shape} must have the same shape, but {why}")
+
+
+def _check_mask(mask: Tensor | None, lead_shape: tuple[int, ...]) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"`mask` must be a bool tensor (True = position counts), got {got}. HINT: pass `mask.bool()` or "
+            "`attention_mask == 1`."
+        )
+    if tuple(mask.shape) != lead_shape:
+        raise ValueError(
+            f"`mask` must have the logits' leading shape {lead_shape} (no class dimension), got {tuple(mask.shape)}."
+        )
+
+
+def _check_target(target: Tensor, lead_shape: tuple[int, ...]) -> None:
+    if (
+        not isinstance(target, Tensor)
+        or target.is_floating_point()
+        or target.is_complex()
+        or target.dtype == torch.bool
+    ):
+        got = f"dtype {target.dtype}" if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(f"`target` must be an integer tensor of class indices, got {got}.")
+    if tuple(target.shape) != lead_shape:
+        raise ValueError(
+            f"`target` must have the logits' leading shape {lead_shape} (one class index per position), got "
+            f"{tuple(target.shape)}."
+        )
+
+
+def _check_target_range(target_rows: Tensor, num_classes: int, ignore_index: int) -> None:
+    if target_rows.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(target_rows))
+    if low < 0 or high >= num_classes:
+        value = low if low < 0 else high
+        raise ValueError(
+            f"`target` holds class index {value}, outside [0, {num_classes}) for {num_classes} classes. HINT: mark "
+            f"positions to skip with `ignore_index` (currently {ignore_index})."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Row selection and math on (N, C) rows
+# --------------------------------------------------------------------------------------------------------------------
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _keep(target: Tensor | None, mask: Tensor | None, ignore_index: int, device: torch.device) -> Tensor | None:
+    """Flat bool selector of the counted positions, or ``None`` when every position counts (no copy needed)."""
+    keep = None if mask is None else mask.reshape(-1).to(device)
+    if target is not None:
+        labelled = target.reshape(-1) != ignore_index
+        keep = labelled if keep is None else keep & labelled
+    if keep is not None and bool(keep.all()):
+        return None
+    return keep
+
+
+def _select(
+    target: Tensor | None, mask: Tensor | None, ignore_index: int, num_classes: int, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """The counted-position selector (see :func:`_keep`) and whether the targets are already known to be in range.
+
+    The common case, no mask and no ignored target, is settled by one ``aminmax`` (one device sync): every position
+    counts and every target is a valid class, so neither a selection nor a second range check is needed.
+    """
+    if mask is None and target is not None and target.numel():
+        low, high = (int(v) for v in torch.aminmax(target))
+        if 0 <= low and high < num_classes and not low <= ignore_index <= high:
+            return None, True
+    return _keep(target, mask, ignore_index, device), False
+
+
+def _rows(x: Tensor, keep: Tensor | None) -> Tensor:
+    """Flatten the leading dims of ``x`` and keep the counted rows (one boolean-index pass)."""
+    if keep is None and x.ndim == 2:
+        return x  # already (N, C): no view, so no extra autograd node
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if keep is None else flat[keep]
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    # -inf logits (masked vocabulary) would give 0 * (-inf) = NaN in the KL sum; the most negative finite value
+    # gives the same probability (zero) without the NaN. Finite log-probabilities are untouched.
+    scaled = logits if temperature == 1.0 else logits / temperature
+    return F.log_softmax(scaled, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``log((p + q) / 2)``: the two-term logsumexp minus log 2, written so that ``p == q`` gives ``log p`` exactly."""
+    # log((e^a + e^b) / 2) = max(a, b) + log((1 + e^-|a-b|) / 2) = max(a, b) + log1p(expm1(-|a-b|) / 2)
+    return torch.maximum(log_p, log_q) + torch.log1p(0.5 * torch.expm1(-(log_p - log_q).abs()))
+
+
+def _kl_sum(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q)`` summed over rows and classes of ``(N, C)`` log-probabilities."""
+    return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+
+
+def _cross_entropy_mean(student: Tensor, target: Tensor) -> Tensor:
+    """Hard-label cross-entropy averaged over the selected ``(N, C)`` rows; no rows give an attached zero."""
+    if student.shape[0] == 0:
+        return student.sum() * 0.0
+    return F.cross_entropy(student, target.long())
