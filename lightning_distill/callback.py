@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -25,8 +26,11 @@ class DistillationCallback(L.Callback):
     The callback holds the teacher, so the teacher never enters the student's ``state_dict``, ``parameters()``,
     optimizer or strategy wrapper. In ``setup`` the teacher is placed on the student's device and precision; in
     ``on_train_batch_start`` it runs once on the batch's inputs under ``torch.no_grad()`` and the Trainer's precision
-    context, and its outputs are handed to the module with
-    :meth:`~lightning_distill.DistillModule.set_teacher_outputs`; they are cleared in ``on_train_batch_end``.
+    context, and its outputs (logits, and the features the module's
+    :class:`~lightning_distill.FeatureMap` s name, captured by forward hooks removed in ``teardown``) are handed to
+    the module with :meth:`~lightning_distill.DistillModule.set_teacher_outputs`; they are cleared in
+    ``on_train_batch_end``. With feature maps, ``setup("fit")`` also runs the teacher once on the module's
+    ``example_input_array`` so that the module can build its projectors before the optimizer exists.
 
     Args:
         teacher: The teacher model; frozen and kept in eval mode. Its output must be logits (a tensor, ``.logits`` or
@@ -121,12 +125,25 @@ class DistillationCallback(L.Callback):
                 "teacher. HINT: pass `copy.deepcopy(model)` as the teacher."
             )
         self._runner.place(strategy.root_device, trainer.precision_plugin.convert_module)
+        self._runner.set_features((m.teacher, m.teacher_select) for m in pl_module.feature_maps)
         self._first_batch_checked = False
-        if stage == "fit" and pl_module.alpha == 0.0:
+        if stage != "fit":
+            return
+        if any(m.key not in pl_module.projectors for m in pl_module.feature_maps):
+            pl_module.build_projectors(self._example_features(trainer, pl_module))
+        if pl_module.schedules["alpha"].bounds() == (0.0, 0.0) and not pl_module.feature_maps:
             rank_zero_warn(
                 "DistillModule has alpha=0.0, so the KD term has no weight: the teacher runs on every training batch "
                 "but does not change the student. HINT: remove DistillationCallback to train the student alone."
             )
+
+    def _example_features(self, trainer: L.Trainer, module: DistillModule) -> dict[str, Tensor] | None:
+        """The teacher's features on the module's ``example_input_array`` (for the projectors' shapes)."""
+        example = module.example_input_array
+        if example is None:
+            return None
+        inputs = move_data_to_device(example, trainer.strategy.root_device)
+        return dict(self._runner.run(inputs, trainer.precision_plugin.forward_context()).features)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -184,7 +201,8 @@ class DistillationCallback(L.Callback):
         if self.run_on_validation:
             module = _as_distill_module(pl_module)
             inputs, _ = module.split_batch(batch)
-            module.set_teacher_outputs(self._runner.run(inputs, trainer.precision_plugin.forward_context()))
+            outputs = self._runner.run(inputs, trainer.precision_plugin.forward_context(), features=False)
+            module.set_teacher_outputs(outputs)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

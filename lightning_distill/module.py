@@ -4,39 +4,61 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_distill.losses.functional import Divergence, cross_entropy, kd_loss
-from lightning_distill.losses.kd import DistillationLoss
-from lightning_distill.outputs import call_with_inputs, extract_logits
+from lightning_distill.capture import FeatureCapture
+from lightning_distill.feature_map import FeatureMap, coerce_feature_maps
+from lightning_distill.losses.functional import (
+    Divergence,
+    check_alpha,
+    check_divergence,
+    check_temperature,
+    check_weight,
+    cross_entropy,
+    distillation_loss_terms,
+    feature_loss,
+    kd_loss,
+)
+from lightning_distill.losses.functional._common import _check_ignore_index
+from lightning_distill.outputs import call_with_inputs, extract_logits, split_batch
+from lightning_distill.projectors import (
+    build_projector,
+    match_spatial,
+    projector_from_dims,
+    projector_from_state,
+    resolve_projector,
+)
+from lightning_distill.schedules import Constant, Schedule, as_schedule, check_schedule
 from lightning_distill.teacher import TeacherOutputs
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 LRSchedulerFactory = Callable[[Optimizer], LRScheduler]
 
-TARGET_KEYS = ("labels", "label", "y", "target")
-
 
 class DistillModule(L.LightningModule):
-    r"""A LightningModule that trains a student from its labels and a teacher's logits.
+    r"""A LightningModule that trains a student from its labels, a teacher's logits and, optionally, its features.
 
     The loss of a training step is
 
     .. math::
-        \mathcal{L} = \alpha \, T^2 \, D\big(p_t^{(T)}, p_s^{(T)}\big) + (1 - \alpha)\, \mathrm{CE}(z_s, y),
-        \qquad p^{(T)} = \mathrm{softmax}(z / T)
+        \mathcal{L} = \alpha \, T^2 \, D\big(p_t^{(T)}, p_s^{(T)}\big) + (1 - \alpha)\, \mathrm{CE}(z_s, y)
+        + \sum_i w_i \, D_i\big(F_t^{(n_i)}, P_i(F_s^{(m_i)})\big), \qquad p^{(T)} = \mathrm{softmax}(z / T)
 
-    (see :func:`~lightning_distill.losses.functional.distillation_loss`). The teacher's outputs come from
-    :class:`~lightning_distill.DistillationCallback`; validation, test and predict run without it.
+    (see :func:`~lightning_distill.losses.functional.distillation_loss` and :class:`~lightning_distill.FeatureMap`).
+    The teacher's outputs come from :class:`~lightning_distill.DistillationCallback`; validation, test and predict
+    run without it. ``alpha``, ``temperature`` and every term weight may be a
+    :class:`~lightning_distill.schedules.Schedule`; scheduled values are logged as ``train/<name>`` every step.
 
     Two ways in: subclass and write ``forward`` (and ``configure_optimizers`` if you like), or wrap a network,
     ``DistillModule(student=net, ...)``. ``forward`` must return logits (a tensor, ``.logits`` or ``["logits"]``)
@@ -45,16 +67,24 @@ class DistillModule(L.LightningModule):
     Args:
         student: The network to train, when not subclassing. Stored as ``self.student``.
         alpha: Weight of the KD term, in ``[0, 1]``; ``1 - alpha`` weights cross-entropy on the labels. With
-            ``alpha=0.0`` the module trains without a teacher (the plain student baseline, same recipe).
+            ``alpha=0.0`` (and no feature maps) the module trains without a teacher: the plain student baseline,
+            same recipe.
         temperature: Softmax temperature :math:`T > 0` of the KD term; the term is scaled by :math:`T^2`.
-        divergence: ``"kl"`` (Hinton), ``"reverse_kl"``, ``"soft_ce"``, ``"js"`` or ``"mse"``.
+        divergence: ``"kl"`` (Hinton), ``"reverse_kl"``, ``"soft_ce"``, ``"js"``, ``"mse"`` or ``"dkd"`` (decoupled
+            KD, weighted by ``tckd_weight`` and ``nckd_weight``).
         ignore_index: Target value excluded from both loss terms and from the metrics.
+        feature_maps: Intermediate layers to match (:class:`~lightning_distill.FeatureMap` objects or their config
+            dicts). Their projectors are built before the optimizer (see :meth:`build_projectors`), stored under
+            ``projectors.<key>`` in the checkpoint, and left out by :meth:`export_student`.
+        tckd_weight: Weight of DKD's target-class term (``divergence="dkd"`` only).
+        nckd_weight: Weight of DKD's non-target-class term (``divergence="dkd"`` only).
         optimizer: Builds the optimizer from the parameters, e.g. ``functools.partial(torch.optim.Adam, lr=1e-2)``.
             Default: Adam with learning rate 1e-3. Ignored when a subclass overrides ``configure_optimizers``.
         lr_scheduler: Optional; builds a scheduler (stepped every epoch) from the optimizer.
 
     Raises:
-        ValueError: For ``alpha`` outside ``[0, 1]``, a non-positive ``temperature`` or an unknown ``divergence``.
+        ValueError: For ``alpha`` outside ``[0, 1]``, a non-positive ``temperature``, a negative weight, an unknown
+            ``divergence``, or feature maps with clashing names.
         TypeError: For a ``student`` that is not an ``nn.Module``, or an ``optimizer`` / ``lr_scheduler`` that is an
             instance rather than a factory.
 
@@ -72,10 +102,13 @@ class DistillModule(L.LightningModule):
         self,
         student: nn.Module | None = None,
         *,
-        alpha: float = 0.5,
-        temperature: float = 1.0,
+        alpha: float | Schedule = 0.5,
+        temperature: float | Schedule = 1.0,
         divergence: Divergence = "kl",
         ignore_index: int = -100,
+        feature_maps: Sequence[FeatureMap | Mapping[str, Any]] | None = None,
+        tckd_weight: float | Schedule = 1.0,
+        nckd_weight: float | Schedule = 8.0,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
     ) -> None:
@@ -92,12 +125,31 @@ class DistillModule(L.LightningModule):
                     f"HINT: pass `{example}`."
                 )
         self.student = student
-        self.criterion = DistillationLoss(
-            alpha=alpha, temperature=temperature, divergence=divergence, ignore_index=ignore_index
-        )
+        self._divergence = check_divergence(divergence)
+        self._ignore_index = _check_ignore_index(ignore_index)
+        self.feature_maps = coerce_feature_maps(feature_maps)
+        self.schedules: dict[str, Schedule] = {
+            "alpha": _schedule(alpha, "alpha", check_alpha, 0.0, 1.0),
+            "temperature": _schedule(temperature, "temperature", check_temperature, 0.0, None, low_inclusive=False),
+            "tckd_weight": _schedule(tckd_weight, "tckd_weight", partial(check_weight, "tckd_weight"), 0.0, None),
+            "nckd_weight": _schedule(nckd_weight, "nckd_weight", partial(check_weight, "nckd_weight"), 0.0, None),
+        }
+        self.schedules.update({f"weight/{m.name}": m.weight_schedule for m in self.feature_maps})
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._teacher_outputs: TeacherOutputs | None = None
+        # One projector per feature map, keyed by `FeatureMap.key`; built before the optimizer (`build_projectors`).
+        self.projectors = nn.ModuleDict(
+            {
+                m.key: projector
+                for m in self.feature_maps
+                if (projector := projector_from_dims(m.projector, m.loss, m.student_dim, m.teacher_dim, m.name))
+                is not None
+            }
+        )
+        self._student_capture = FeatureCapture(role="student")
+        for fmap in self.feature_maps:
+            self._student_capture.add(fmap.student, fmap.student_select)
         # One MeanMetric per (stage, dataloader, rate), created on first use: see `_log_rate`.
         self.eval_metrics = nn.ModuleDict()
         if type(self) is DistillModule:
@@ -108,7 +160,7 @@ class DistillModule(L.LightningModule):
 
         A network or factory passed from Python is dropped (``load_from_checkpoint(path, student=net)`` gives it
         back); under ``LightningCLI`` the same arguments arrive as plain config dicts, which are kept so that
-        ``--ckpt_path`` can rebuild the module.
+        ``--ckpt_path`` can rebuild the module. Schedules and feature maps are stored as their config dicts.
         """
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
@@ -116,26 +168,41 @@ class DistillModule(L.LightningModule):
         for key in ("student", "optimizer", "lr_scheduler"):
             if callable(self.hparams.get(key)):
                 del self.hparams[key]
+        for key, value in self.hparams.items():
+            if isinstance(value, Schedule):
+                self.hparams[key] = value.to_config()
+        if self.hparams.get("feature_maps") is not None:
+            self.hparams["feature_maps"] = [m.to_config() for m in self.feature_maps]
+
+    # ------------------------------------------------------------------------------------------- hyper-parameters
+    def hparam_values(self) -> dict[str, float]:
+        """The current value of every scheduled hyper-parameter, at the Trainer's step and epoch (0 and 0 without).
+
+        Keys: ``"alpha"``, ``"temperature"``, ``"tckd_weight"``, ``"nckd_weight"`` and ``"weight/<map name>"``.
+        """
+        trainer = self._trainer
+        step, epoch = (0, 0) if trainer is None else (trainer.global_step, trainer.current_epoch)
+        return {name: schedule(step=step, epoch=epoch) for name, schedule in self.schedules.items()}
 
     @property
     def alpha(self) -> float:
-        """Weight of the KD term."""
-        return self.criterion.alpha
+        """Weight of the KD term (its current value, if scheduled)."""
+        return self.hparam_values()["alpha"]
 
     @property
     def temperature(self) -> float:
-        """Softmax temperature of the KD term."""
-        return self.criterion.temperature
+        """Softmax temperature of the KD term (its current value, if scheduled)."""
+        return self.hparam_values()["temperature"]
 
     @property
     def divergence(self) -> Divergence:
         """Name of the divergence of the KD term."""
-        return self.criterion.divergence
+        return self._divergence
 
     @property
     def ignore_index(self) -> int:
         """Target value left out of both loss terms and the metrics."""
-        return self.criterion.ignore_index
+        return self._ignore_index
 
     # ----------------------------------------------------------------------------------------------- teacher hand-off
     def set_teacher_outputs(self, outputs: TeacherOutputs | None) -> None:
@@ -160,43 +227,16 @@ class DistillModule(L.LightningModule):
         return self.student(*args, **kwargs)
 
     def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
-        """Split a batch into ``(inputs, target)``; ``target`` is ``None`` for unlabeled batches.
+        """Split a batch into ``(inputs, target)``; see :func:`~lightning_distill.outputs.split_batch`.
 
-        Handled: ``(x, y)`` tuples or lists, ``(x,)``, a bare tensor, and mappings whose target is under one of
-        ``"labels"``, ``"label"``, ``"y"``, ``"target"`` (the other entries are the inputs, passed to ``forward`` as
-        keyword arguments). Override it for any other structure.
-
-        Raises:
-            ValueError: For a sequence of another length or a mapping with several target keys.
-            TypeError: For any other batch type.
+        Override it for any batch structure the default does not handle.
 
         Example::
 
             >>> DistillModule().split_batch({"input_ids": 1, "labels": 2})
             ({'input_ids': 1}, 2)
         """
-        if isinstance(batch, Mapping):
-            keys = [k for k in TARGET_KEYS if k in batch]
-            if len(keys) > 1:
-                raise ValueError(
-                    f"The batch has several target keys {keys}; expected at most one of {list(TARGET_KEYS)}. "
-                    "HINT: override `split_batch`."
-                )
-            target = batch[keys[0]] if keys else None
-            return {k: v for k, v in batch.items() if k not in keys}, target
-        if isinstance(batch, (tuple, list)):
-            if len(batch) in (1, 2):
-                return batch[0], (batch[1] if len(batch) == 2 else None)
-            raise ValueError(
-                f"Cannot split a batch {type(batch).__name__} of length {len(batch)} into (inputs, target): expected "
-                "(inputs, target) or (inputs,). HINT: override `DistillModule.split_batch`."
-            )
-        if isinstance(batch, Tensor):
-            return batch, None
-        raise TypeError(
-            f"Cannot split a batch of type {type(batch).__name__} into (inputs, target): expected a tuple, list, "
-            "mapping or tensor. HINT: override `DistillModule.split_batch`."
-        )
+        return split_batch(batch)
 
     def student_logits(self, inputs: Any) -> Tensor:
         """Run ``forward`` on the inputs part of a batch and return the logits."""
@@ -209,40 +249,226 @@ class DistillModule(L.LightningModule):
         teacher_outputs: TeacherOutputs | None,
         target: Tensor | None,
         mask: Tensor | None = None,
+        student_features: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Compose the training loss and return every term.
 
+        Args:
+            student_logits: The student's logits ``(*, C)``.
+            teacher_outputs: The teacher's outputs for the same batch, or ``None`` (allowed with ``alpha=0`` and no
+                feature maps).
+            target: Class indices ``(*)``, or ``None`` (then ``alpha`` must be 1).
+            mask: Optional bool tensor ``(*)`` of the positions that count in the logit terms.
+            student_features: The captured student features (``training_step`` passes them), keyed by
+                :attr:`FeatureMap.student_key`; needed when there are feature maps.
+
         Returns:
-            ``{"loss", "task_loss", "kd_loss"}`` with a teacher; ``{"loss", "task_loss"}`` without one (only
-            allowed with ``alpha=0.0``).
+            ``{"loss", "task_loss", "kd_loss"}`` with a teacher, plus ``"tckd_loss"`` and ``"nckd_loss"`` for
+            ``divergence="dkd"`` and ``"feature_loss/<name>"`` per feature map (unweighted); ``{"loss",
+            "task_loss"}`` without one.
 
         Raises:
-            RuntimeError: Without teacher outputs while ``alpha > 0``.
+            RuntimeError: Without teacher outputs while ``alpha > 0`` or with feature maps, or without
+                ``student_features`` while there are feature maps.
         """
+        values = self.hparam_values()
         if teacher_outputs is None:
-            if self.alpha > 0.0:
+            if values["alpha"] > 0.0 or self.feature_maps:
+                what = f"alpha={values['alpha']}" if values["alpha"] > 0.0 else f"{len(self.feature_maps)} feature maps"
                 raise RuntimeError(
-                    f"{type(self).__name__} has alpha={self.alpha} but received no teacher outputs. HINT: add the "
-                    "teacher to the Trainer: `Trainer(callbacks=[DistillationCallback(teacher=...)])`, or pass "
-                    "`alpha=0.0` to train the student alone."
+                    f"{type(self).__name__} has {what} but received no teacher outputs. HINT: add the teacher to the "
+                    "Trainer: `Trainer(callbacks=[DistillationCallback(teacher=...)])`, or pass `alpha=0.0` (and no "
+                    "feature maps) to train the student alone."
                 )
             if target is None:
                 raise ValueError("Training without a teacher needs labels, but the batch has no target.")
             task = cross_entropy(student_logits, target, mask=mask, ignore_index=self.ignore_index)
             return {"loss": task, "task_loss": task}
-        return self.criterion.terms(student_logits, teacher_outputs.logits, target, mask=mask)
+        terms = distillation_loss_terms(
+            student_logits,
+            teacher_outputs.logits,
+            target,
+            alpha=values["alpha"],
+            temperature=values["temperature"],
+            divergence=self.divergence,
+            mask=mask,
+            ignore_index=self.ignore_index,
+            tckd_weight=values["tckd_weight"],
+            nckd_weight=values["nckd_weight"],
+        )
+        if self.feature_maps:
+            if student_features is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} has feature maps, so `compute_loss` needs `student_features` (the "
+                    "outputs `training_step` captures from the student's layers)."
+                )
+            loss = terms["loss"]
+            for fmap in self.feature_maps:
+                term = self.feature_term(fmap, student_features, teacher_outputs.features)
+                terms[f"feature_loss/{fmap.name}"] = term
+                loss = loss + values[f"weight/{fmap.name}"] * term
+            terms["loss"] = loss
+        return terms
+
+    def feature_term(
+        self, fmap: FeatureMap, student_features: Mapping[str, Tensor], teacher_features: Mapping[str, Tensor]
+    ) -> Tensor:
+        """The unweighted loss of one feature map: spatial pooling (channel-first maps), projector, feature loss."""
+        for side, features, key in (
+            ("student", student_features, fmap.student_key),
+            ("teacher", teacher_features, fmap.teacher_key),
+        ):
+            if key not in features:
+                raise RuntimeError(
+                    f"Feature map {fmap.name!r}: no {side} feature {key!r} was captured (captured: {list(features)}). "
+                    "HINT: the DistillationCallback captures the teacher's features for the module it was set up "
+                    "with; `training_step` captures the student's."
+                )
+        if fmap.key not in self.projectors:
+            raise RuntimeError(
+                f"Feature map {fmap.name!r} has no projector yet. HINT: projectors are built in setup by "
+                "DistillationCallback from `example_input_array`; outside a Trainer, call `build_projectors(...)`."
+            )
+        projector = self.projectors[fmap.key]
+        student, teacher = student_features[fmap.student_key], teacher_features[fmap.teacher_key]
+        if not isinstance(projector, nn.Linear):
+            student, teacher = match_spatial(student, teacher)
+        return feature_loss(projector(student), teacher, loss=fmap.loss)
+
+    # ------------------------------------------------------------------------------------------------ projectors
+    def build_projectors(self, teacher_features: Mapping[str, Tensor] | None) -> None:
+        """Create the projector of every feature map that has none yet, from the features' shapes.
+
+        The student's shapes come from one dry forward (eval mode, no gradient, train/eval modes restored) on
+        ``example_input_array``; the teacher's from ``teacher_features``, which
+        :class:`~lightning_distill.DistillationCallback` computes on the same example in ``setup``, before the
+        optimizer is built. Every new map's loss is then evaluated once on these features, so a shape that no
+        projector can fix fails here rather than at the first step.
+
+        Args:
+            teacher_features: The teacher's features on ``example_input_array``, keyed by
+                :attr:`FeatureMap.teacher_key`.
+
+        Raises:
+            RuntimeError: Without ``example_input_array`` or ``teacher_features`` while a projector is missing.
+            ValueError: If a projector kind cannot match the two shapes, or a given width disagrees with them.
+        """
+        pending = [m for m in self.feature_maps if m.key not in self.projectors]
+        if not pending:
+            return
+        names = [m.name for m in pending]
+        if self.example_input_array is None:
+            raise RuntimeError(
+                f"The projectors of feature maps {names} need the features' shapes, inferred from one dry forward on "
+                f"`example_input_array`, which {type(self).__name__} does not set. HINT: set "
+                "`self.example_input_array` to the inputs part of one batch, or give each FeatureMap "
+                "`student_dim=`, `teacher_dim=` and a projector other than 'auto'."
+            )
+        if teacher_features is None:
+            raise RuntimeError(
+                f"The projectors of feature maps {names} need the teacher's feature shapes. HINT: add "
+                "`DistillationCallback(teacher=...)` to the Trainer (it provides them in setup)."
+            )
+        student_features = self._probe_student()
+        for fmap in pending:
+            where = f"Feature map {fmap.name!r}"
+            s_shape = tuple(student_features[fmap.student_key].shape)
+            t_shape = tuple(teacher_features[fmap.teacher_key].shape)
+            kind = (
+                "identity" if fmap.loss == "attention" else resolve_projector(fmap.projector, s_shape, t_shape, where)
+            )
+            s_dim, t_dim = (s_shape[-1], t_shape[-1]) if kind == "linear" else (s_shape[1], t_shape[1])
+            for side, given, found in (
+                ("student_dim", fmap.student_dim, s_dim),
+                ("teacher_dim", fmap.teacher_dim, t_dim),
+            ):
+                if given is not None and given != found:
+                    raise ValueError(f"{where}: `{side}={given}` but the probed feature has width {found}.")
+            projector = build_projector(kind, s_dim, t_dim).to(self.device)
+            self.projectors[fmap.key] = projector
+            with torch.no_grad():
+                self.feature_term(fmap, student_features, teacher_features)
+
+    def _probe_student(self) -> dict[str, Tensor]:
+        """Run the student once on ``example_input_array`` and return the requested features (for their shapes)."""
+        modes = {module: module.training for module in self.modules()}
+        attached = self._student_capture.attached
+        self._student_capture.attach(self._feature_root())
+        self.eval()
+        try:
+            with torch.no_grad(), self._student_capture.recording():
+                call_with_inputs(self, move_data_to_device(self.example_input_array, self.device))
+            return self._student_capture.take()
+        finally:
+            for module, training in modes.items():
+                module.training = training
+            if not attached:
+                self._student_capture.remove()
+
+    def _feature_root(self) -> nn.Module:
+        """The model whose layers feature maps name: the wrapped ``student``, or this module when subclassing."""
+        return self if self.student is None else self.student
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Attach the forward hooks that capture the student's features (when there are feature maps)."""
+        if self.feature_maps:
+            self._student_capture.attach(self._feature_root())
+
+    @override
+    def teardown(self, stage: str) -> None:
+        """Remove the student's feature hooks."""
+        self._student_capture.remove()
+
+    @override
+    def on_fit_start(self) -> None:
+        """Check that every trainable projector parameter is in an optimizer (else it would silently never train)."""
+        if not self.projectors or self._trainer is None:
+            return
+        optimized = {
+            id(p) for optimizer in self.trainer.optimizers for g in optimizer.param_groups for p in g["params"]
+        }
+        if not optimized & {id(p) for p in self.parameters()}:
+            return  # parameters flattened by the strategy (FSDP) or manual optimization: identity is not comparable
+        missing = [
+            f"projectors.{name}"
+            for name, p in self.projectors.named_parameters()
+            if p.requires_grad and id(p) not in optimized
+        ]
+        if missing:
+            raise RuntimeError(
+                f"The projector parameters {missing} are in no optimizer, so they would never train. HINT: build the "
+                "optimizer from `self.parameters()` (it includes `self.projectors`), or add "
+                "`self.projectors.parameters()` to it in `configure_optimizers`."
+            )
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild projectors that were inferred at fit time from their weights, so ``load_from_checkpoint`` works."""
+        state = checkpoint.get("state_dict", {})
+        for fmap in self.feature_maps:
+            if fmap.key not in self.projectors:
+                self.projectors[fmap.key] = projector_from_state(state, f"projectors.{fmap.key}.")
 
     # -------------------------------------------------------------------------------------------------------- steps
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, target = self.split_batch(batch)
-        logits = self.student_logits(inputs)
-        terms = self.compute_loss(logits, self._teacher_outputs, target)
-        self.log_dict(
-            {f"train/{name}": value.detach() for name, value in terms.items()},
-            batch_size=logits.shape[0],
-            prog_bar=False,
-        )
+        features = None
+        if self.feature_maps:
+            self._student_capture.attach(self._feature_root())
+            with self._student_capture.recording():
+                logits = self.student_logits(inputs)
+            features = self._student_capture.take()
+        else:
+            logits = self.student_logits(inputs)
+        terms = self.compute_loss(logits, self._teacher_outputs, target, student_features=features)
+        logged: dict[str, Tensor | float] = {f"train/{name}": value.detach() for name, value in terms.items()}
+        scheduled = [name for name, schedule in self.schedules.items() if not schedule.is_constant]
+        if scheduled:
+            values = self.hparam_values()
+            logged.update({f"train/{name}": values[name] for name in scheduled})
+        self.log_dict(logged, batch_size=logits.shape[0], prog_bar=False)
         return terms["loss"]
 
     @override
@@ -277,8 +503,19 @@ class DistillModule(L.LightningModule):
         self._log_rate(stage, dataloader_idx, "agreement", preds == teacher_preds, counted)
         if target is not None:
             self._log_rate(stage, dataloader_idx, "teacher_acc", teacher_preds == target, counted)
+        if self.divergence == "dkd" and target is None:
+            return  # DKD needs labels
+        values = self.hparam_values()
         divergence = kd_loss(
-            logits, teacher.logits, temperature=self.temperature, divergence=self.divergence, mask=counted
+            logits,
+            teacher.logits,
+            temperature=values["temperature"],
+            divergence=self.divergence,
+            mask=counted,
+            target=target,
+            ignore_index=self.ignore_index,
+            tckd_weight=values["tckd_weight"],
+            nckd_weight=values["nckd_weight"],
         )
         self.log(f"{stage}/kd_loss", divergence, batch_size=batch_size, sync_dist=True)
 
@@ -322,15 +559,38 @@ class DistillModule(L.LightningModule):
         """Return a standalone copy of the trained student, in eval mode, with no distillation-only state.
 
         For the wrapped form this is a copy of ``student``; for a subclass it is a copy of the module detached from
-        its Trainer (its ``forward`` still works on its own).
+        its Trainer, without projectors, feature maps or feature hooks (its ``forward`` still works on its own).
         """
-        if self.student is not None:
-            return copy.deepcopy(self.student).eval()
-        trainer = self._trainer
-        self.trainer = None
+        attached = self._student_capture.attached
+        self._student_capture.remove()  # hooks must not be copied along with the layers they sit on
         try:
-            exported = copy.deepcopy(self)
+            if self.student is not None:
+                return copy.deepcopy(self.student).eval()
+            trainer = self._trainer
+            self.trainer = None
+            try:
+                exported = copy.deepcopy(self)
+            finally:
+                self.trainer = trainer
         finally:
-            self.trainer = trainer
+            if attached:
+                self._student_capture.attach(self._feature_root())
         exported.set_teacher_outputs(None)
+        exported.projectors = nn.ModuleDict()
+        exported.feature_maps = ()
+        exported._student_capture = FeatureCapture(role="student")
         return exported.eval()
+
+
+def _schedule(
+    value: float | Schedule | Mapping[str, Any],
+    name: str,
+    check: Callable[[float], float],
+    low: float,
+    high: float | None,
+    low_inclusive: bool = True,
+) -> Schedule:
+    """A hyper-parameter as a validated schedule: a plain number goes through its own check (and message)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Constant(check(value))
+    return check_schedule(as_schedule(value, name), name, low, high, low_inclusive=low_inclusive)

@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+TARGET_KEYS = ("labels", "label", "y", "target")
+
 
 def call_with_inputs(model: nn.Module, inputs: Any) -> Any:
     """Call ``model`` on the inputs part of a batch.
@@ -59,4 +61,44 @@ def extract_logits(output: Any, *, role: str) -> Tensor:
     raise TypeError(
         f"Cannot find logits in the {role}'s output of type {type(output).__name__}: expected a tensor, an object "
         f"with a `.logits` tensor, or a mapping with a 'logits' key.{hint}"
+    )
+
+
+def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    """Split a batch into ``(inputs, target)``; ``target`` is ``None`` for unlabeled batches.
+
+    Handled: ``(x, y)`` tuples or lists, ``(x,)``, a bare tensor, and mappings whose target is under one of
+    ``"labels"``, ``"label"``, ``"y"``, ``"target"`` (the other entries are the inputs, passed to ``forward`` as
+    keyword arguments). `DistillModule.split_batch` calls it; override that for any other structure.
+
+    Raises:
+        ValueError: For a sequence of another length or a mapping with several target keys.
+        TypeError: For any other batch type.
+
+    Example::
+
+        >>> split_batch({"input_ids": 1, "labels": 2})
+        ({'input_ids': 1}, 2)
+    """
+    if isinstance(batch, Mapping):
+        keys = [k for k in TARGET_KEYS if k in batch]
+        if len(keys) > 1:
+            raise ValueError(
+                f"The batch has several target keys {keys}; expected at most one of {list(TARGET_KEYS)}. "
+                "HINT: override `DistillModule.split_batch`."
+            )
+        target = batch[keys[0]] if keys else None
+        return {k: v for k, v in batch.items() if k not in keys}, target
+    if isinstance(batch, (tuple, list)):
+        if len(batch) in (1, 2):
+            return batch[0], (batch[1] if len(batch) == 2 else None)
+        raise ValueError(
+            f"Cannot split a batch {type(batch).__name__} of length {len(batch)} into (inputs, target): expected "
+            "(inputs, target) or (inputs,). HINT: override `DistillModule.split_batch`."
+        )
+    if isinstance(batch, Tensor):
+        return batch, None
+    raise TypeError(
+        f"Cannot split a batch of type {type(batch).__name__} into (inputs, target): expected a tuple, list, "
+        "mapping or tensor. HINT: override `DistillModule.split_batch`."
     )

@@ -9,16 +9,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from lightning_distill.layers import find_layer
+from lightning_distill.capture import FeatureCapture, Selector
 from lightning_distill.outputs import call_with_inputs, extract_logits
 
 _SAMPLES_PER_TENSOR = 4096
@@ -30,7 +29,8 @@ class TeacherOutputs:
 
     Attributes:
         logits: Teacher logits, classes in the last dimension: ``(B, C)`` or ``(B, L, V)``.
-        features: Captured intermediate outputs keyed by layer name (empty unless features were requested).
+        features: Captured intermediate outputs keyed by layer name, ``"name[selector]"`` when only part of the
+            layer's output was requested (empty unless features were requested).
 
     Example::
 
@@ -163,10 +163,10 @@ class TeacherRunner:
             )
         self.teacher = teacher
         self.logits_layer = logits_layer
-        if logits_layer is not None:
-            find_layer(teacher, logits_layer, role="teacher")
-        self._captured: dict[str, Tensor] = {}
-        self._handles: list[RemovableHandle] = []
+        self._capture = FeatureCapture(role="teacher")
+        self._logits_key: str | None = None
+        self._feature_keys: list[str] = []
+        self.set_features(())
         self.freeze()
 
     def freeze(self) -> None:
@@ -176,38 +176,46 @@ class TeacherRunner:
 
     def place(self, device: torch.device, convert: Callable[[nn.Module], nn.Module] | None = None) -> None:
         """Move the teacher to ``device`` and, when given, apply a dtype conversion (a ``*-true`` precision)."""
+        self.remove_hooks()  # a conversion may return a new module: hooks are attached again on the next run
         self.teacher.to(device)
         if convert is not None:
             self.teacher = convert(self.teacher)
         self.freeze()
 
+    def set_features(self, layers: Iterable[tuple[str, Selector]]) -> list[str]:
+        """Request the outputs of these ``(layer name, selector)`` pairs on every run; replaces earlier requests.
+
+        Returns:
+            The keys under which :attr:`TeacherOutputs.features` holds them.
+
+        Raises:
+            ValueError: If a layer does not exist (the message lists the closest names).
+        """
+        self.remove_hooks()
+        self._capture = FeatureCapture(role="teacher")
+        self._logits_key = None if self.logits_layer is None else self._capture.add(self.logits_layer)
+        self._feature_keys = list(dict.fromkeys(self._capture.add(layer, select) for layer, select in layers))
+        self._capture.check(self.teacher)
+        return list(self._feature_keys)
+
     def attach_hooks(self) -> None:
         """Register the forward hooks that capture requested layer outputs (idempotent)."""
-        if self._handles or self.logits_layer is None:
-            return
-        layer = find_layer(self.teacher, self.logits_layer, role="teacher")
-        self._handles.append(layer.register_forward_hook(self._capture_hook(self.logits_layer)))
+        self._capture.attach(self.teacher)
 
     def remove_hooks(self) -> None:
         """Remove every hook this runner registered on the teacher."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._captured.clear()
-
-    def _capture_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self._captured[name] = output
-
-        return hook
+        self._capture.remove()
 
     @torch.no_grad()
-    def run(self, inputs: Any, context: contextlib.AbstractContextManager[Any] | None = None) -> TeacherOutputs:
+    def run(
+        self, inputs: Any, context: contextlib.AbstractContextManager[Any] | None = None, features: bool = True
+    ) -> TeacherOutputs:
         """Run the teacher on the inputs part of a batch and return its outputs.
 
         Args:
             inputs: A tensor, or a mapping passed as keyword arguments.
             context: The context to run under (the Trainer's precision context); none by default.
+            features: Return the requested features (validation and test runs only need the logits).
 
         Raises:
             TypeError: If the output holds no logits (see :func:`~lightning_distill.outputs.extract_logits`).
@@ -215,9 +223,10 @@ class TeacherRunner:
         self.attach_hooks()
         if self.teacher.training:
             self.teacher.eval()
-        self._captured.clear()
-        with context if context is not None else contextlib.nullcontext():
+        with self._capture.recording(), context if context is not None else contextlib.nullcontext():
             output = call_with_inputs(self.teacher, inputs)
-        if self.logits_layer is not None:
-            output = self._captured.pop(self.logits_layer)
-        return TeacherOutputs(logits=extract_logits(output, role="teacher").detach())
+        captured = self._capture.take()
+        if self._logits_key is not None:
+            output = captured[self._logits_key]
+        kept = {key: captured[key] for key in self._feature_keys} if features else {}
+        return TeacherOutputs(logits=extract_logits(output, role="teacher").detach(), features=kept)

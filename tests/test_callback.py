@@ -145,7 +145,7 @@ def test_logits_layer_takes_the_pre_softmax_output(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(out.logits, teacher.head(teacher.body(x)))
     make_trainer(tmp_path, callbacks=[callback]).fit(student_module(), make_loader())
-    assert not callback._runner._handles  # hooks removed at teardown
+    assert not callback.teacher.head._forward_hooks  # hooks removed at teardown
 
 
 def test_validation_logs_teacher_accuracy_and_agreement(tmp_path):

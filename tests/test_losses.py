@@ -352,7 +352,14 @@ def test_module_repr() -> None:
 def test_package_exports() -> None:
     import lightning_distill.losses as losses
 
-    assert set(losses.__all__) == {"KDLoss", "DistillationLoss", "Divergence", "functional"}
+    assert set(losses.__all__) == {
+        "KDLoss",
+        "DistillationLoss",
+        "Divergence",
+        "FeatureLoss",
+        "FeatureLossName",
+        "functional",
+    }
     assert losses.functional is functional
 
 
@@ -378,7 +385,7 @@ def test_bad_temperature(temperature: object) -> None:
 
 
 def test_bad_divergence() -> None:
-    allowed = "'kl', 'reverse_kl', 'soft_ce', 'js', 'mse'"
+    allowed = r"'kl', 'reverse_kl', 'soft_ce', 'js', 'mse', 'dkd' \('dkd' needs class targets\)"
     with pytest.raises(ValueError, match=f"`divergence` must be one of {allowed}, got 'kld'"):
         check_divergence("kld")
     with pytest.raises(ValueError, match="got 'KL'"):

@@ -12,6 +12,7 @@ from lightning_distill.losses.functional import (
     check_alpha,
     check_divergence,
     check_temperature,
+    check_weight,
     distillation_loss_terms,
     kd_loss,
 )
@@ -20,15 +21,26 @@ from lightning_distill.losses.functional._common import _check_ignore_index
 __all__ = ["DistillationLoss", "KDLoss"]
 
 
+def _dkd_repr(module: KDLoss | DistillationLoss) -> str:
+    """``", tckd_weight=..., nckd_weight=..."`` for ``divergence="dkd"``, else ``""`` (other reprs unchanged)."""
+    if module.divergence != "dkd":
+        return ""
+    return f", tckd_weight={module.tckd_weight!r}, nckd_weight={module.nckd_weight!r}"
+
+
 class KDLoss(nn.Module):
     """Distillation loss between student and teacher logits; see :func:`~lightning_distill.losses.functional.kd_loss`.
 
     Args:
         temperature: Softmax temperature ``T > 0``; the loss carries the ``T²`` factor (except ``"mse"``).
-        divergence: ``"kl"`` (Hinton et al., default), ``"reverse_kl"``, ``"soft_ce"``, ``"js"`` or ``"mse"``.
+        divergence: ``"kl"`` (Hinton et al., default), ``"reverse_kl"``, ``"soft_ce"``, ``"js"``, ``"mse"`` or
+            ``"dkd"`` (decoupled KD; ``forward`` then needs ``target``).
+        tckd_weight: Weight of DKD's target-class term, ``>= 0``; only used by ``"dkd"``.
+        nckd_weight: Weight of DKD's non-target-class term, ``>= 0``; only used by ``"dkd"``.
 
     Raises:
-        ValueError: If ``temperature`` is not finite and positive or ``divergence`` is unknown.
+        ValueError: If ``temperature`` is not finite and positive, ``divergence`` is unknown or a DKD weight is
+            negative or not finite.
 
     Example::
 
@@ -40,23 +52,47 @@ class KDLoss(nn.Module):
         >>> t = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         >>> round(loss_fn(s, t).item(), 4)
         0.2064
+        >>> KDLoss(temperature=2.0, divergence="dkd")
+        KDLoss(temperature=2.0, divergence='dkd', tckd_weight=1.0, nckd_weight=8.0)
     """
 
-    def __init__(self, *, temperature: float = 1.0, divergence: Divergence = "kl") -> None:
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        divergence: Divergence = "kl",
+        tckd_weight: float = 1.0,
+        nckd_weight: float = 8.0,
+    ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         check_divergence(divergence)
         self.divergence: Divergence = divergence
+        self.tckd_weight = check_weight("tckd_weight", tckd_weight)
+        self.nckd_weight = check_weight("nckd_weight", nckd_weight)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Return the loss averaged over the positions where ``mask`` (bool, leading dims) is true."""
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, target: Tensor | None = None
+    ) -> Tensor:
+        """Return the loss averaged over the positions where ``mask`` (bool, leading dims) is true.
+
+        ``target`` (class indices, leading dims) is required by ``"dkd"``; when given, positions whose target is
+        ``-100`` do not count.
+        """
         return kd_loss(
-            student_logits, teacher_logits, temperature=self.temperature, divergence=self.divergence, mask=mask
+            student_logits,
+            teacher_logits,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            mask=mask,
+            target=target,
+            tckd_weight=self.tckd_weight,
+            nckd_weight=self.nckd_weight,
         )
 
     def extra_repr(self) -> str:
-        """Show the hyper-parameters in ``repr``."""
-        return f"temperature={self.temperature!r}, divergence={self.divergence!r}"
+        """Show the hyper-parameters in ``repr`` (the DKD weights only for ``divergence="dkd"``)."""
+        return f"temperature={self.temperature!r}, divergence={self.divergence!r}{_dkd_repr(self)}"
 
 
 class DistillationLoss(nn.Module):
@@ -68,8 +104,10 @@ class DistillationLoss(nn.Module):
     Args:
         alpha: Weight of the distillation term, in ``[0, 1]``.
         temperature: Softmax temperature of the distillation term, ``> 0``.
-        divergence: ``"kl"``, ``"reverse_kl"``, ``"soft_ce"``, ``"js"`` or ``"mse"``.
+        divergence: ``"kl"``, ``"reverse_kl"``, ``"soft_ce"``, ``"js"``, ``"mse"`` or ``"dkd"`` (needs targets).
         ignore_index: Target value whose positions are left out of both terms.
+        tckd_weight: Weight of DKD's target-class term, ``>= 0``; only used by ``"dkd"``.
+        nckd_weight: Weight of DKD's non-target-class term, ``>= 0``; only used by ``"dkd"``.
 
     Raises:
         ValueError: If a hyper-parameter is out of range.
@@ -95,6 +133,8 @@ class DistillationLoss(nn.Module):
         temperature: float = 1.0,
         divergence: Divergence = "kl",
         ignore_index: int = -100,
+        tckd_weight: float = 1.0,
+        nckd_weight: float = 8.0,
     ) -> None:
         super().__init__()
         self.alpha = check_alpha(alpha)
@@ -102,11 +142,16 @@ class DistillationLoss(nn.Module):
         check_divergence(divergence)
         self.divergence: Divergence = divergence
         self.ignore_index = _check_ignore_index(ignore_index)
+        self.tckd_weight = check_weight("tckd_weight", tckd_weight)
+        self.nckd_weight = check_weight("nckd_weight", nckd_weight)
 
     def terms(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, mask: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Return ``{"loss", "task_loss", "kd_loss"}``; ``target=None`` needs ``alpha=1.0``."""
+        """Return ``{"loss", "task_loss", "kd_loss"}`` (plus ``tckd_loss``, ``nckd_loss`` for ``"dkd"``).
+
+        ``target=None`` needs ``alpha=1.0`` and a divergence other than ``"dkd"``.
+        """
         return distillation_loss_terms(
             student_logits,
             teacher_logits,
@@ -116,6 +161,8 @@ class DistillationLoss(nn.Module):
             divergence=self.divergence,
             mask=mask,
             ignore_index=self.ignore_index,
+            tckd_weight=self.tckd_weight,
+            nckd_weight=self.nckd_weight,
         )
 
     def forward(
@@ -127,6 +174,6 @@ class DistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         """Show the hyper-parameters in ``repr``."""
         return (
-            f"alpha={self.alpha!r}, temperature={self.temperature!r}, divergence={self.divergence!r}, "
-            f"ignore_index={self.ignore_index!r}"
+            f"alpha={self.alpha!r}, temperature={self.temperature!r}, divergence={self.divergence!r}"
+            f"{_dkd_repr(self)}, ignore_index={self.ignore_index!r}"
         )

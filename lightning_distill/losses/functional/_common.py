@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Divergence = Literal["kl", "reverse_kl", "soft_ce", "js", "mse"]
-"""How the student's distribution is compared with the teacher's (see :func:`kd_loss`)."""
+Divergence = Literal["kl", "reverse_kl", "soft_ce", "js", "mse", "dkd"]
+"""How the student's distribution is compared with the teacher's (see :func:`kd_loss`); ``"dkd"`` needs targets."""
 
 _DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 
@@ -66,11 +66,32 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+def check_weight(name: str, value: float) -> float:
+    """Validate a non-negative loss weight (e.g. ``tckd_weight``) and return it as a float.
+
+    Args:
+        name: The parameter's name, used in the error message.
+        value: The weight; must be a finite number ``>= 0`` (a bool is refused).
+
+    Raises:
+        ValueError: If ``value`` is not a finite number ``>= 0``; the message names ``name`` and ``value``.
+
+    Example::
+
+        >>> check_weight("nckd_weight", 8)
+        8.0
+    """
+    if not _is_real_number(value) or not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}. HINT: 0.0 switches its term off.")
+    return float(value)
+
+
 def check_divergence(divergence: str) -> Divergence:
     """Validate the name of a divergence and return it.
 
     Args:
-        divergence: One of ``"kl"``, ``"reverse_kl"``, ``"soft_ce"``, ``"js"``, ``"mse"``.
+        divergence: One of ``"kl"``, ``"reverse_kl"``, ``"soft_ce"``, ``"js"``, ``"mse"``, or ``"dkd"`` (decoupled
+            KD, which also needs class targets).
 
     Raises:
         ValueError: If ``divergence`` is not one of the allowed names; the message lists them.
@@ -82,7 +103,7 @@ def check_divergence(divergence: str) -> Divergence:
     """
     if not isinstance(divergence, str) or divergence not in _DIVERGENCES:
         allowed = ", ".join(repr(name) for name in _DIVERGENCES)
-        raise ValueError(f"`divergence` must be one of {allowed}, got {divergence!r}.")
+        raise ValueError(f"`divergence` must be one of {allowed} ('dkd' needs class targets), got {divergence!r}.")
     return cast(Divergence, divergence)
 
 
@@ -207,6 +228,23 @@ def _rows(x: Tensor, keep: Tensor | None) -> Tensor:
         return x  # already (N, C): no view, so no extra autograd node
     flat = x.reshape(-1, x.shape[-1])
     return flat if keep is None else flat[keep]
+
+
+def _counted_rows(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, mask: Tensor | None, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The counted rows of both logits (upcast) and of ``target`` (range-checked); inputs already validated."""
+    num_classes = student_logits.shape[-1]
+    keep, in_range = _select(target, mask, ignore_index, num_classes, student_logits.device)
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    student = _rows(student_logits, keep).to(dtype)
+    teacher = _rows(teacher_logits, keep).to(dtype)
+    if target is None:
+        return student, teacher, None
+    target_rows = _rows(target.unsqueeze(-1), keep).squeeze(-1)
+    if not in_range:
+        _check_target_range(target_rows, num_classes, ignore_index)
+    return student, teacher, target_rows
 
 
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:

@@ -15,8 +15,8 @@ from lightning_distill.losses.functional._common import (
     _check_target,
     _check_target_range,
     _compute_dtype,
+    _counted_rows,
     _cross_entropy_mean,
-    _keep,
     _kl_sum,
     _log_mixture,
     _log_probs,
@@ -25,7 +25,9 @@ from lightning_distill.losses.functional._common import (
     check_alpha,
     check_divergence,
     check_temperature,
+    check_weight,
 )
+from lightning_distill.losses.functional.dkd import _check_dkd_inputs, _dkd_means
 
 __all__ = ["cross_entropy", "distillation_loss", "distillation_loss_terms", "kd_loss"]
 
@@ -53,6 +55,23 @@ def _divergence_mean(student: Tensor, teacher: Tensor, temperature: float, diver
     return (total * scale).clamp(min=0.0)
 
 
+def _kd_terms(
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor | None,
+    temperature: float,
+    divergence: Divergence,
+    tckd_weight: float,
+    nckd_weight: float,
+) -> dict[str, Tensor]:
+    """``{"kd_loss"}`` over the selected ``(N, C)`` rows; ``"dkd"`` adds its unweighted ``tckd_loss``, ``nckd_loss``."""
+    if divergence != "dkd":
+        return {"kd_loss": _divergence_mean(student, teacher, temperature, divergence)}
+    assert target is not None  # checked by _check_dkd_inputs
+    tckd, nckd = _dkd_means(student, teacher, target, temperature)
+    return {"kd_loss": tckd_weight * tckd + nckd_weight * nckd, "tckd_loss": tckd, "nckd_loss": nckd}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Public losses
 # --------------------------------------------------------------------------------------------------------------------
@@ -63,6 +82,10 @@ def kd_loss(
     temperature: float = 1.0,
     divergence: Divergence = "kl",
     mask: Tensor | None = None,
+    target: Tensor | None = None,
+    ignore_index: int = -100,
+    tckd_weight: float = 1.0,
+    nckd_weight: float = 8.0,
 ) -> Tensor:
     r"""Distillation loss between student and teacher logits, averaged over the counted positions.
 
@@ -90,6 +113,10 @@ def kd_loss(
     - ``"mse"``: the squared difference of the **raw** logits, averaged over counted positions *and* classes:
       :math:`\frac{1}{|\mathcal{P}| C} \sum_{i, c} (z_{s,c}^{(i)} - z_{t,c}^{(i)})^2`. No temperature and no
       :math:`T^2` (``temperature`` is ignored).
+    - ``"dkd"``: decoupled KD (Zhao et al., 2022),
+      :math:`w_{TC} \, \mathrm{KL}(b_t \| b_s) + w_{NC} \, \mathrm{KL}(\hat p_t \| \hat p_s)` with
+      :math:`b = [p_y, 1 - p_y]` and :math:`\hat p` the softmax over the non-target classes; needs ``target``
+      and ``C >= 2``. See :func:`~lightning_distill.losses.functional.dkd.dkd_loss`.
 
     Args:
         student_logits: Student logits ``(*, C)``, e.g. ``(B, C)`` or ``(B, L, V)``; any floating dtype.
@@ -97,13 +124,20 @@ def kd_loss(
         temperature: Softmax temperature :math:`T > 0`.
         divergence: Which :math:`D` to use (see above).
         mask: Optional bool tensor of shape ``(*)``; ``True`` marks positions that count.
+        target: Optional class indices ``(*)``, required by ``"dkd"``. When given, positions whose target equals
+            ``ignore_index`` do not count (for every divergence, as in :func:`distillation_loss`).
+        ignore_index: Target value whose positions are skipped; unused without ``target``.
+        tckd_weight: Weight :math:`w_{TC} \ge 0` of DKD's target-class term; only used by ``"dkd"``.
+        nckd_weight: Weight :math:`w_{NC} \ge 0` of DKD's non-target-class term; only used by ``"dkd"``.
 
     Returns:
         A scalar tensor, float32 (float64 if an input is float64). Zero when no position counts.
 
     Raises:
-        ValueError: If the shapes differ, ``mask`` is not a bool tensor of shape ``(*)``, ``temperature`` is not
-            finite and positive, or ``divergence`` is unknown.
+        ValueError: If the shapes differ, ``mask`` is not a bool tensor of shape ``(*)``, ``target`` is not an
+            integer tensor of shape ``(*)`` with indices in ``[0, C)`` at counted positions, ``temperature`` is not
+            finite and positive, a DKD weight is negative or not finite, ``divergence`` is unknown, or it is
+            ``"dkd"`` without ``target`` or with ``C < 2``.
 
     Example::
 
@@ -115,16 +149,23 @@ def kd_loss(
         0.0368
         >>> kd_loss(s, s).item()
         0.0
+        >>> round(kd_loss(s, t, temperature=2.0, divergence="dkd", target=torch.tensor([0, 1])).item(), 4)
+        0.7835
     """
     temperature = check_temperature(temperature)
     check_divergence(divergence)
+    tckd_weight = check_weight("tckd_weight", tckd_weight)
+    nckd_weight = check_weight("nckd_weight", nckd_weight)
+    ignore_index = _check_ignore_index(ignore_index)
     _check_pair(student_logits, teacher_logits)
-    _check_mask(mask, tuple(student_logits.shape[:-1]))
-    keep = _keep(None, mask, 0, student_logits.device)
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    student = _rows(student_logits, keep).to(dtype)
-    teacher = _rows(teacher_logits, keep).to(dtype)
-    return _divergence_mean(student, teacher, temperature, divergence)
+    lead_shape = tuple(student_logits.shape[:-1])
+    _check_mask(mask, lead_shape)
+    if divergence == "dkd":
+        _check_dkd_inputs(target, student_logits.shape[-1])
+    if target is not None:
+        _check_target(target, lead_shape)
+    student, teacher, target_rows = _counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
+    return _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight)["kd_loss"]
 
 
 def cross_entropy(
@@ -187,6 +228,8 @@ def distillation_loss_terms(
     divergence: Divergence = "kl",
     mask: Tensor | None = None,
     ignore_index: int = -100,
+    tckd_weight: float = 1.0,
+    nckd_weight: float = 8.0,
 ) -> dict[str, Tensor]:
     r"""The distillation objective and its two parts.
 
@@ -209,17 +252,21 @@ def distillation_loss_terms(
         target: Class indices ``(*)``, or ``None`` for pure distillation on unlabelled data (needs ``alpha=1.0``).
         alpha: Weight of the distillation term, in ``[0, 1]``.
         temperature: Softmax temperature of the distillation term, ``> 0``.
-        divergence: ``"kl"``, ``"reverse_kl"``, ``"soft_ce"``, ``"js"`` or ``"mse"`` (see :func:`kd_loss`).
+        divergence: ``"kl"``, ``"reverse_kl"``, ``"soft_ce"``, ``"js"``, ``"mse"`` or ``"dkd"`` (see :func:`kd_loss`).
         mask: Optional bool tensor of shape ``(*)``; ``True`` marks positions that count.
         ignore_index: Target value whose positions are left out of both terms.
+        tckd_weight: Weight of DKD's target-class term, ``>= 0``; only used by ``"dkd"``.
+        nckd_weight: Weight of DKD's non-target-class term, ``>= 0``; only used by ``"dkd"``.
 
     Returns:
         ``{"loss": ..., "task_loss": ..., "kd_loss": ...}``, scalar tensors (float32, or float64 for float64
-        inputs). ``task_loss`` is 0 when ``target`` is ``None``.
+        inputs). ``task_loss`` is 0 when ``target`` is ``None``. For ``"dkd"`` also ``"tckd_loss"`` and
+        ``"nckd_loss"``, the two parts unweighted (with the :math:`T^2` factor), so that
+        ``kd_loss = tckd_weight * tckd_loss + nckd_weight * nckd_loss``.
 
     Raises:
-        ValueError: On a bad hyper-parameter, mismatched logits shapes, a bad ``mask`` or ``target``, or
-            ``target=None`` with ``alpha < 1``.
+        ValueError: On a bad hyper-parameter, mismatched logits shapes, a bad ``mask`` or ``target``,
+            ``target=None`` with ``alpha < 1`` or with ``divergence="dkd"``, or ``"dkd"`` with ``C < 2``.
 
     Example::
 
@@ -232,10 +279,14 @@ def distillation_loss_terms(
     alpha = check_alpha(alpha)
     temperature = check_temperature(temperature)
     check_divergence(divergence)
+    tckd_weight = check_weight("tckd_weight", tckd_weight)
+    nckd_weight = check_weight("nckd_weight", nckd_weight)
     ignore_index = _check_ignore_index(ignore_index)
     _check_pair(student_logits, teacher_logits)
     lead_shape = tuple(student_logits.shape[:-1])
     _check_mask(mask, lead_shape)
+    if divergence == "dkd":
+        _check_dkd_inputs(target, student_logits.shape[-1])
     if target is None:
         if alpha != 1.0:
             raise ValueError(
@@ -245,19 +296,11 @@ def distillation_loss_terms(
     else:
         _check_target(target, lead_shape)
 
-    keep, in_range = _select(target, mask, ignore_index, student_logits.shape[-1], student_logits.device)
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    student = _rows(student_logits, keep).to(dtype)
-    teacher = _rows(teacher_logits, keep).to(dtype)
-    kd = _divergence_mean(student, teacher, temperature, divergence)
-    if target is None:
-        task = kd.new_zeros(())
-    else:
-        target_rows = _rows(target.unsqueeze(-1), keep).squeeze(-1)
-        if not in_range:
-            _check_target_range(target_rows, student_logits.shape[-1], ignore_index)
-        task = _cross_entropy_mean(student, target_rows)
-    return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd}
+    student, teacher, target_rows = _counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
+    terms = _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight)
+    kd = terms.pop("kd_loss")
+    task = kd.new_zeros(()) if target_rows is None else _cross_entropy_mean(student, target_rows)
+    return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd, **terms}
 
 
 def distillation_loss(
@@ -270,6 +313,8 @@ def distillation_loss(
     divergence: Divergence = "kl",
     mask: Tensor | None = None,
     ignore_index: int = -100,
+    tckd_weight: float = 1.0,
+    nckd_weight: float = 8.0,
 ) -> Tensor:
     r"""The distillation objective :math:`\alpha \mathcal{L}_{KD} + (1 - \alpha) \mathcal{L}_{CE}` as one scalar.
 
@@ -288,6 +333,8 @@ def distillation_loss(
         divergence: See :func:`kd_loss`.
         mask: Optional bool tensor of shape ``(*)``.
         ignore_index: Target value whose positions are left out of both terms.
+        tckd_weight: Weight of DKD's target-class term; only used by ``"dkd"``.
+        nckd_weight: Weight of DKD's non-target-class term; only used by ``"dkd"``.
 
     Returns:
         A scalar tensor.
@@ -314,4 +361,6 @@ def distillation_loss(
         divergence=divergence,
         mask=mask,
         ignore_index=ignore_index,
+        tckd_weight=tckd_weight,
+        nckd_weight=nckd_weight,
     )["loss"]
