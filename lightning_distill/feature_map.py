@@ -94,6 +94,8 @@ class FeatureMap:
             raise ValueError(f"FeatureMap `name` must be a str, got {self.name!r}.")
         if not self.name:
             object.__setattr__(self, "name", self.student_key)
+        if isinstance(self.weight, Mapping):  # a schedule's config (YAML, saved hyper-parameters)
+            object.__setattr__(self, "weight", as_schedule(self.weight, "weight"))
         check_schedule(as_schedule(self.weight, "weight"), f"FeatureMap {self.name!r} `weight`", 0.0, None)
 
     def __repr__(self) -> str:

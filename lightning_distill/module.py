@@ -411,8 +411,13 @@ class DistillModule(L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Attach the forward hooks that capture the student's features (when there are feature maps)."""
+        """Attach the forward hooks that capture the student's features (when there are feature maps).
+
+        Before fitting, every projector must exist (``DistillationCallback.setup`` builds them, and runs first).
+        """
         if self.feature_maps:
+            if stage == "fit":
+                self.build_projectors(None)  # a no-op when built; otherwise raises naming what is missing
             self._student_capture.attach(self._feature_root())
 
     @override
