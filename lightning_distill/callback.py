@@ -30,7 +30,8 @@ class DistillationCallback(L.Callback):
     :class:`~lightning_distill.FeatureMap` s name, captured by forward hooks removed in ``teardown``) are handed to
     the module with :meth:`~lightning_distill.DistillModule.set_teacher_outputs`; they are cleared in
     ``on_train_batch_end``. With feature maps, ``setup("fit")`` also runs the teacher once on the module's
-    ``example_input_array`` so that the module can build its projectors before the optimizer exists.
+    ``example_input_array`` (or, without one, on the first training batch of the Trainer's datamodule) so that the
+    module can build its projectors before the optimizer exists.
 
     Args:
         teacher: The teacher model; frozen and kept in eval mode. Its output must be logits (a tensor, ``.logits`` or
@@ -130,20 +131,17 @@ class DistillationCallback(L.Callback):
         if stage != "fit":
             return
         if any(m.key not in pl_module.projectors for m in pl_module.feature_maps):
-            pl_module.build_projectors(self._example_features(trainer, pl_module))
+            example = _example_inputs(trainer, pl_module)
+            teacher_features = None
+            if example is not None:
+                inputs = move_data_to_device(example, trainer.strategy.root_device)
+                teacher_features = self._runner.run(inputs, trainer.precision_plugin.forward_context()).features
+            pl_module.build_projectors(teacher_features, example)
         if pl_module.schedules["alpha"].bounds() == (0.0, 0.0) and not pl_module.feature_maps:
             rank_zero_warn(
                 "DistillModule has alpha=0.0, so the KD term has no weight: the teacher runs on every training batch "
                 "but does not change the student. HINT: remove DistillationCallback to train the student alone."
             )
-
-    def _example_features(self, trainer: L.Trainer, module: DistillModule) -> dict[str, Tensor] | None:
-        """The teacher's features on the module's ``example_input_array`` (for the projectors' shapes)."""
-        example = module.example_input_array
-        if example is None:
-            return None
-        inputs = move_data_to_device(example, trainer.strategy.root_device)
-        return dict(self._runner.run(inputs, trainer.precision_plugin.forward_context()).features)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -233,6 +231,21 @@ def _as_distill_module(pl_module: L.LightningModule) -> DistillModule:
     if not isinstance(pl_module, DistillModule):  # setup() has refused this already; keeps type checkers honest
         raise TypeError(f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__}.")
     return pl_module
+
+
+def _example_inputs(trainer: L.Trainer, module: DistillModule) -> Any:
+    """Inputs to infer feature shapes from: ``example_input_array``, else the first batch of the datamodule.
+
+    The datamodule's training dataloader is read under a forked RNG, so the run's random stream is unchanged.
+    """
+    if module.example_input_array is not None:
+        return module.example_input_array
+    datamodule = getattr(trainer, "datamodule", None)  # set by the Trainer's data connector
+    if datamodule is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        batch = next(iter(datamodule.train_dataloader()))
+    return module.split_batch(batch)[0]
 
 
 def _check_finite(logits: Tensor, trainer: L.Trainer, batch_idx: int) -> None:

@@ -39,7 +39,7 @@ from lightning_distill.projectors import (
     projector_from_state,
     resolve_projector,
 )
-from lightning_distill.schedules import Constant, Schedule, as_schedule, check_schedule
+from lightning_distill.schedules import Schedule, checked_schedule
 from lightning_distill.teacher import TeacherOutputs
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -129,10 +129,16 @@ class DistillModule(L.LightningModule):
         self._ignore_index = _check_ignore_index(ignore_index)
         self.feature_maps = coerce_feature_maps(feature_maps)
         self.schedules: dict[str, Schedule] = {
-            "alpha": _schedule(alpha, "alpha", check_alpha, 0.0, 1.0),
-            "temperature": _schedule(temperature, "temperature", check_temperature, 0.0, None, low_inclusive=False),
-            "tckd_weight": _schedule(tckd_weight, "tckd_weight", partial(check_weight, "tckd_weight"), 0.0, None),
-            "nckd_weight": _schedule(nckd_weight, "nckd_weight", partial(check_weight, "nckd_weight"), 0.0, None),
+            "alpha": checked_schedule(alpha, "alpha", check_alpha, 0.0, 1.0),
+            "temperature": checked_schedule(
+                temperature, "temperature", check_temperature, 0.0, None, low_inclusive=False
+            ),
+            "tckd_weight": checked_schedule(
+                tckd_weight, "tckd_weight", partial(check_weight, "tckd_weight"), 0.0, None
+            ),
+            "nckd_weight": checked_schedule(
+                nckd_weight, "nckd_weight", partial(check_weight, "nckd_weight"), 0.0, None
+            ),
         }
         self.schedules.update({f"weight/{m.name}": m.weight_schedule for m in self.feature_maps})
         self.optimizer_factory = optimizer
@@ -336,40 +342,42 @@ class DistillModule(L.LightningModule):
         return feature_loss(projector(student), teacher, loss=fmap.loss)
 
     # ------------------------------------------------------------------------------------------------ projectors
-    def build_projectors(self, teacher_features: Mapping[str, Tensor] | None) -> None:
+    def build_projectors(self, teacher_features: Mapping[str, Tensor] | None, example_inputs: Any = None) -> None:
         """Create the projector of every feature map that has none yet, from the features' shapes.
 
         The student's shapes come from one dry forward (eval mode, no gradient, train/eval modes restored) on
-        ``example_input_array``; the teacher's from ``teacher_features``, which
-        :class:`~lightning_distill.DistillationCallback` computes on the same example in ``setup``, before the
+        ``example_inputs`` (default: ``example_input_array``); the teacher's from ``teacher_features``, which
+        :class:`~lightning_distill.DistillationCallback` computes on the same inputs in ``setup``, before the
         optimizer is built. Every new map's loss is then evaluated once on these features, so a shape that no
         projector can fix fails here rather than at the first step.
 
         Args:
-            teacher_features: The teacher's features on ``example_input_array``, keyed by
-                :attr:`FeatureMap.teacher_key`.
+            teacher_features: The teacher's features on the same inputs, keyed by :attr:`FeatureMap.teacher_key`.
+            example_inputs: The inputs part of one batch; defaults to ``example_input_array``.
 
         Raises:
-            RuntimeError: Without ``example_input_array`` or ``teacher_features`` while a projector is missing.
+            RuntimeError: Without example inputs or ``teacher_features`` while a projector is missing.
             ValueError: If a projector kind cannot match the two shapes, or a given width disagrees with them.
         """
         pending = [m for m in self.feature_maps if m.key not in self.projectors]
         if not pending:
             return
         names = [m.name for m in pending]
-        if self.example_input_array is None:
+        example_inputs = self.example_input_array if example_inputs is None else example_inputs
+        if example_inputs is None:
             raise RuntimeError(
                 f"The projectors of feature maps {names} need the features' shapes, inferred from one dry forward on "
                 f"`example_input_array`, which {type(self).__name__} does not set. HINT: set "
-                "`self.example_input_array` to the inputs part of one batch, or give each FeatureMap "
-                "`student_dim=`, `teacher_dim=` and a projector other than 'auto'."
+                "`self.example_input_array` to the inputs part of one batch, train from a LightningDataModule (its "
+                "first batch is used), or give each FeatureMap `student_dim=`, `teacher_dim=` and a projector other "
+                "than 'auto'."
             )
         if teacher_features is None:
             raise RuntimeError(
                 f"The projectors of feature maps {names} need the teacher's feature shapes. HINT: add "
                 "`DistillationCallback(teacher=...)` to the Trainer (it provides them in setup)."
             )
-        student_features = self._probe_student()
+        student_features = self._probe_student(example_inputs)
         for fmap in pending:
             where = f"Feature map {fmap.name!r}"
             s_shape = tuple(student_features[fmap.student_key].shape)
@@ -389,15 +397,15 @@ class DistillModule(L.LightningModule):
             with torch.no_grad():
                 self.feature_term(fmap, student_features, teacher_features)
 
-    def _probe_student(self) -> dict[str, Tensor]:
-        """Run the student once on ``example_input_array`` and return the requested features (for their shapes)."""
+    def _probe_student(self, example_inputs: Any) -> dict[str, Tensor]:
+        """Run the student once on ``example_inputs`` and return the requested features (for their shapes)."""
         modes = {module: module.training for module in self.modules()}
         attached = self._student_capture.attached
         self._student_capture.attach(self._feature_root())
         self.eval()
         try:
             with torch.no_grad(), self._student_capture.recording():
-                call_with_inputs(self, move_data_to_device(self.example_input_array, self.device))
+                call_with_inputs(self, move_data_to_device(example_inputs, self.device))
             return self._student_capture.take()
         finally:
             for module, training in modes.items():
@@ -443,8 +451,9 @@ class DistillModule(L.LightningModule):
         if missing:
             raise RuntimeError(
                 f"The projector parameters {missing} are in no optimizer, so they would never train. HINT: build the "
-                "optimizer from `self.parameters()` (it includes `self.projectors`), or add "
-                "`self.projectors.parameters()` to it in `configure_optimizers`."
+                "optimizer from `self.parameters()` in `configure_optimizers` (it includes `self.projectors`); under "
+                "LightningCLI give it as the model's `optimizer:` argument, not the top-level `optimizer:` (built "
+                "before the projectors exist)."
             )
 
     @override
@@ -585,17 +594,3 @@ class DistillModule(L.LightningModule):
         exported.feature_maps = ()
         exported._student_capture = FeatureCapture(role="student")
         return exported.eval()
-
-
-def _schedule(
-    value: float | Schedule | Mapping[str, Any],
-    name: str,
-    check: Callable[[float], float],
-    low: float,
-    high: float | None,
-    low_inclusive: bool = True,
-) -> Schedule:
-    """A hyper-parameter as a validated schedule: a plain number goes through its own check (and message)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return Constant(check(value))
-    return check_schedule(as_schedule(value, name), name, low, high, low_inclusive=low_inclusive)

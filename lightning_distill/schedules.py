@@ -17,11 +17,20 @@ import importlib
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, get_args
 
-__all__ = ["Constant", "Cosine", "LinearWarmup", "Schedule", "ScheduleUnit", "as_schedule", "check_schedule"]
+__all__ = [
+    "Constant",
+    "Cosine",
+    "LinearWarmup",
+    "Schedule",
+    "ScheduleUnit",
+    "as_schedule",
+    "check_schedule",
+    "checked_schedule",
+]
 
 ScheduleUnit = Literal["epoch", "step"]
 
@@ -280,3 +289,23 @@ def check_schedule(
         ):
             raise ValueError(f"{name} must be finite and in {allowed}, but {schedule!r} reaches {end}")
     return schedule
+
+
+def checked_schedule(
+    value: float | Schedule | Mapping[str, Any],
+    name: str,
+    check: Callable[[float], float],
+    low: float,
+    high: float | None,
+    low_inclusive: bool = True,
+) -> Schedule:
+    """Return a hyper-parameter as a validated schedule; a plain number goes through ``check`` (and its message).
+
+    Example::
+
+        >>> checked_schedule(0.5, "alpha", float, 0.0, 1.0)
+        Constant(unit='epoch', value=0.5)
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Constant(check(value))
+    return check_schedule(as_schedule(value, name), name, low, high, low_inclusive=low_inclusive)

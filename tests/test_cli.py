@@ -37,6 +37,17 @@ def test_cli_trains_a_teacher_then_distills_from_its_checkpoint(workdir, capsys)
     main(["predict", "--config", "configs/mnist1d_distill.yaml", "--ckpt_path", "runs/student/student.ckpt"])
 
 
+def test_cli_feature_maps_from_yaml_build_and_train_projectors(workdir, capsys):
+    main(["fit", "--config", "configs/mnist1d_teacher.yaml", *QUICK])
+    main(["fit", "--config", "configs/mnist1d_features.yaml", *QUICK])
+    checkpoint = torch.load(workdir / "runs/features/student.ckpt", weights_only=True)
+    projectors = {k for k in checkpoint["state_dict"] if k.startswith("projectors.")}
+    assert projectors == {f"projectors.features_act{i}.linear.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
+    assert checkpoint["hyper_parameters"]["feature_maps"][2]["weight"]["type"] == "linear_warmup"
+    main(["test", "--config", "configs/mnist1d_features.yaml", "--ckpt_path", "runs/features/student.ckpt"])
+    assert "test/acc" in capsys.readouterr().out
+
+
 def test_usage_is_printed_without_arguments(capsys):
     main([])
     assert "demo" in capsys.readouterr().out

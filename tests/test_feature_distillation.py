@@ -259,3 +259,28 @@ def test_scheduled_values_are_applied_and_logged(tmp_path):
         module, make_loader()
     )
     assert [row["train/weight/1"] for row in logged] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+
+
+def test_without_example_input_the_first_datamodule_batch_is_used_rng_untouched(tmp_path):
+    import lightning as L
+
+    states: list[Tensor] = []
+
+    class RecordRNG(L.Callback):
+        def setup(self, trainer, pl_module, stage):
+            states.append(torch.get_rng_state())
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            x, y = make_data(64)
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+
+    teacher = trained_teacher()
+    for example in (None, make_data(2)[0]):  # first batch of the datamodule, then an explicit example
+        module = DistillModule(student=tiny_student(), feature_maps=[WIDTH_MAP])
+        module.example_input_array = example
+        torch.manual_seed(0)
+        make_trainer(tmp_path, callbacks=[DistillationCallback(teacher), RecordRNG()]).fit(module, datamodule=Data())
+        assert isinstance(module.projectors["1"], nn.Linear)
+    # reading the first batch of a shuffling loader consumed no random numbers (the projector's init did, equally)
+    assert torch.equal(states[0], states[1])
