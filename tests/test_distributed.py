@@ -1,4 +1,4 @@
-"""DDP on CPU (gloo): one frozen, unwrapped teacher replica per process."""
+"""DDP on CPU (gloo): one frozen, unwrapped teacher replica per process; projectors inside the DDP wrapper."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_distill import DistillationCallback, DistillModule
-from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, tiny_student
+from lightning_distill import DistillationCallback, DistillModule, FeatureMap
+from tests.helpers.tiny import TinyTeacher, make_data, make_loader, make_trainer, tiny_student
 
 
 class RankChecks(L.Callback):
@@ -17,6 +17,9 @@ class RankChecks(L.Callback):
     def __init__(self, teacher_callback: DistillationCallback) -> None:
         self.teacher_callback = teacher_callback
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        assert len(pl_module.teacher_outputs.features) == len(pl_module.feature_maps)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
         teacher = self.teacher_callback.teacher
         assert isinstance(trainer.strategy.model, DistributedDataParallel)
@@ -24,6 +27,7 @@ class RankChecks(L.Callback):
         assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
         wrapped = {id(p) for p in trainer.strategy.model.parameters()}
         assert not wrapped & {id(p) for p in teacher.parameters()}
+        assert {id(p) for p in pl_module.projectors.parameters()} <= wrapped  # built before DDP wrapped the module
 
     def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
@@ -36,10 +40,14 @@ class RankChecks(L.Callback):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ddp_spawn_two_processes_keeps_teacher_unwrapped_and_students_equal(tmp_path):
+@pytest.mark.parametrize("features", [False, True], ids=["logits", "feature-maps"])
+def test_ddp_spawn_two_processes_keeps_teacher_unwrapped_and_students_equal(tmp_path, features):
     torch.manual_seed(0)
     teacher_callback = DistillationCallback(TinyTeacher())
-    module = DistillModule(student=tiny_student(), alpha=0.5, temperature=2.0)
+    # the tiny student's layer "1" is 6 wide, the teacher's "body.1" 16: each rank infers a Linear(6, 16) projector
+    maps = [FeatureMap(student="1", teacher="body.1")] if features else None
+    module = DistillModule(student=tiny_student(), alpha=0.5, temperature=2.0, feature_maps=maps)
+    module.example_input_array = make_data(2)[0]
     trainer = make_trainer(
         tmp_path,
         strategy="ddp_spawn",
