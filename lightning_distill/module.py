@@ -141,6 +141,7 @@ class DistillModule(L.LightningModule):
             ),
         }
         self.schedules.update({f"weight/{m.name}": m.weight_schedule for m in self.feature_maps})
+        self._scheduled = [name for name, schedule in self.schedules.items() if not schedule.is_constant]
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._teacher_outputs: TeacherOutputs | None = None
@@ -478,10 +479,9 @@ class DistillModule(L.LightningModule):
             logits = self.student_logits(inputs)
         terms = self.compute_loss(logits, self._teacher_outputs, target, student_features=features)
         logged: dict[str, Tensor | float] = {f"train/{name}": value.detach() for name, value in terms.items()}
-        scheduled = [name for name, schedule in self.schedules.items() if not schedule.is_constant]
-        if scheduled:
+        if self._scheduled:
             values = self.hparam_values()
-            logged.update({f"train/{name}": values[name] for name in scheduled})
+            logged.update({f"train/{name}": values[name] for name in self._scheduled})
         self.log_dict(logged, batch_size=logits.shape[0], prog_bar=False)
         return terms["loss"]
 
