@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import resource
 import statistics
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,3 +69,37 @@ def maxrss_mb() -> float:
     """Peak resident set size of this process in MB (``ru_maxrss`` is in KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def quiet() -> None:
+    """Silence Lightning's info lines and the warnings that are expected here."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    # eval mode: the frozen teacher inside the hand-written module; validation_step: DistillModule defines one
+    for pattern in (
+        "does not have many workers",
+        "looks untrained",
+        "LeafSpec",
+        r"module\(s\) in eval mode",
+        "`validation_step` but have no `val_dataloader`",
+    ):
+        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+
+
+def benchmark_trainer(
+    max_epochs: int, callbacks: list[L.Callback], limit_train_batches: int | float = 1.0
+) -> L.Trainer:
+    """A CPU Trainer with nothing but training: no logger, checkpoints, progress bar, summary or validation."""
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=limit_train_batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )

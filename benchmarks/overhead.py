@@ -59,13 +59,11 @@ import dataclasses
 import functools
 import gc
 import json
-import logging
 import os
 import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +72,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import machine_description, maxrss_mb, proc_status_mb, quartiles, reset_peak_rss
+from common import benchmark_trainer, machine_description, maxrss_mb, proc_status_mb, quartiles, quiet, reset_peak_rss
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -189,19 +187,8 @@ def make_teacher(seed: int) -> nn.Module:
 
 def make_trainer(config: Config, callbacks: list[L.Callback]) -> L.Trainer:
     """The Trainer both Lightning variants use."""
-    return L.Trainer(
-        max_epochs=config.epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_train_batches=config.limit_batches if config.limit_batches is not None else 1.0,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
+    limit = config.limit_batches if config.limit_batches is not None else 1.0
+    return benchmark_trainer(config.epochs, callbacks, limit_train_batches=limit)
 
 
 # --------------------------------------------------------------------------------------------------- variant: plain
@@ -311,7 +298,7 @@ class _StopTimer(L.Callback):
         self.clock.times.epochs.append(self.clock.timer() - self.clock.epoch_start)
 
 
-def _fit_lightning(
+def fit_with_timers(
     module: L.LightningModule, extra: list[L.Callback], dataset: TensorDataset, config: Config
 ) -> RunTimes:
     """Fit ``module`` with the timing callbacks around ``extra`` callbacks and return the times."""
@@ -330,7 +317,7 @@ def _fit_lightning(
 
 def fit_lightning(teacher: nn.Module, dataset: TensorDataset, config: Config) -> RunTimes:
     """Train the hand-written LightningModule."""
-    return _fit_lightning(HandWrittenKD(make_student(config.seed), teacher), [], dataset, config)
+    return fit_with_timers(HandWrittenKD(make_student(config.seed), teacher), [], dataset, config)
 
 
 def fit_plugin(teacher: nn.Module, dataset: TensorDataset, config: Config) -> RunTimes:
@@ -341,7 +328,7 @@ def fit_plugin(teacher: nn.Module, dataset: TensorDataset, config: Config) -> Ru
         temperature=TEMPERATURE,
         optimizer=functools.partial(torch.optim.Adam, lr=LR),
     )
-    return _fit_lightning(module, [DistillationCallback(teacher)], dataset, config)
+    return fit_with_timers(module, [DistillationCallback(teacher)], dataset, config)
 
 
 FITS: dict[Variant, Callable[[nn.Module, TensorDataset, Config], RunTimes]] = {
@@ -532,26 +519,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _quiet() -> None:
-    """Silence Lightning's info lines and the warnings that are expected here."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    # eval mode: the frozen teacher inside the hand-written module; validation_step: DistillModule defines one
-    for pattern in (
-        "does not have many workers",
-        "looks untrained",
-        "LeafSpec",
-        r"module\(s\) in eval mode",
-        "`validation_step` but have no `val_dataloader`",
-    ):
-        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     torch.set_num_threads(config.threads)
-    _quiet()
+    quiet()
     if args.memory_only is not None:
         print(json.dumps(dataclasses.asdict(memory_only(args.memory_only, config))))
         return 0

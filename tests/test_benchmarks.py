@@ -11,10 +11,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_overhead_quick_runs_and_prints_the_table() -> None:
+def run_quick(script: str, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "benchmarks/overhead.py", "--quick", "--threads", "1"],
+        [sys.executable, f"benchmarks/{script}", "--quick", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -22,6 +21,23 @@ def test_overhead_quick_runs_and_prints_the_table() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| variant | median step ms | median epoch s | peak RSS MB (Δ fit) |" in result.stdout
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_overhead_quick_runs_and_prints_the_table() -> None:
+    out = run_quick("overhead.py", "--threads", "1")
+    assert "| variant | median step ms | median epoch s | peak RSS MB (Δ fit) |" in out
     for label in ("plain PyTorch loop", "hand-written LightningModule", "DistillModule + DistillationCallback"):
-        assert label in result.stdout
+        assert label in out
+
+
+@pytest.mark.slow
+def test_features_quick_runs_and_prints_both_tables() -> None:
+    out = run_quick("features.py")
+    assert "| student (CNN, 8 channels) | test acc (mean ± std) | gain vs alone (pts) |" in out
+    assert "| feature maps (+ logit KD) | median step ms [p25-p75] | ratio vs 0 maps |" in out
+    for row in ("| teacher (CNN", "| alone (CE only)", "| logit KD (alpha", "3 FitNets maps", "3 attention maps"):
+        assert row in out
+    for count in range(4):
+        assert f"| {count} (" in out
