@@ -1,4 +1,4 @@
-"""Small demo models for MNIST-1D: a 1-D CNN teacher and an MLP student.
+"""Small demo models for MNIST-1D: a 1-D CNN teacher, an MLP student and a deeper staged CNN (self-distillation).
 
 Both are plain :class:`torch.nn.Module` s that map a batch of signals of shape ``(B, input_length)`` to logits of
 shape ``(B, num_classes)``. Their layers are named (``features.conv1``, ``net.act2``, ``head``, ...) so that feature
@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-__all__ = ["MLPStudent", "MNIST1DTeacher"]
+__all__ = ["MLPStudent", "MNIST1DDeepCNN", "MNIST1DTeacher"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -143,3 +143,75 @@ class MLPStudent(nn.Module):
             Logits of shape ``(B, num_classes)``.
         """
         return self.net(x)
+
+
+class MNIST1DDeepCNN(nn.Module):
+    """A deeper 1-D CNN in stages, for self-distillation and early exit on MNIST-1D.
+
+    Layout (defaults)::
+
+        (B, 40) -> unsqueeze -> stem: Conv1d(1, 16, 5, padding 2), ReLU      -> (B, 16, 40)
+        stages.0: Conv1d(16, 16, 3, stride 2), ReLU, Conv1d(16, 16, 3), ReLU  -> (B, 16, 20)
+        stages.1: ... 32 channels                                             -> (B, 32, 10)
+        stages.2: ... 64 channels                                             -> (B, 64, 5)
+        stages.3: ... 128 channels                                            -> (B, 128, 3)
+        pool (global max) -> flatten -> head Linear(128, num_classes)
+
+    Every stage halves the length and doubles the channels, so deeper stages cost more compute than shallow ones
+    (as in image CNNs): exits after ``stages.0`` - ``stages.2`` skip most of the work.
+
+    Args:
+        channels: Channels of the stem and the first stage; stage ``i`` has ``channels * 2**i``.
+        num_stages: Number of stages.
+        num_classes: Number of output logits.
+        input_length: Length of the input signal.
+
+    Raises:
+        ValueError: If an argument is not a positive integer.
+
+    Example::
+
+        >>> import torch
+        >>> MNIST1DDeepCNN()(torch.randn(8, 40)).shape
+        torch.Size([8, 10])
+    """
+
+    def __init__(self, channels: int = 16, num_stages: int = 4, num_classes: int = 10, input_length: int = 40) -> None:
+        super().__init__()
+        self.channels = _check_positive_int("channels", channels)
+        self.num_stages = _check_positive_int("num_stages", num_stages)
+        self.num_classes = _check_positive_int("num_classes", num_classes)
+        self.input_length = _check_positive_int("input_length", input_length)
+        self.stem = nn.Sequential(OrderedDict(conv=nn.Conv1d(1, channels, 5, padding=2), act=nn.ReLU()))
+        stages = []
+        width = channels
+        for index in range(num_stages):
+            out = channels * 2**index
+            stages.append(
+                nn.Sequential(
+                    OrderedDict(
+                        conv1=nn.Conv1d(width, out, 3, stride=2, padding=1),
+                        act1=nn.ReLU(),
+                        conv2=nn.Conv1d(out, out, 3, padding=1),
+                        act2=nn.ReLU(),
+                    )
+                )
+            )
+            width = out
+        self.stages = nn.ModuleList(stages)
+        self.pool = nn.AdaptiveMaxPool1d(1)
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Compute logits from signals of shape ``(B, input_length)`` or ``(B, 1, input_length)``."""
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] != self.input_length:
+            raise ValueError(
+                f"`MNIST1DDeepCNN` expects inputs of shape (B, {self.input_length}) or (B, 1, {self.input_length})."
+            )
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(self.flatten(self.pool(x)))

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_distill.capture import FeatureCapture
@@ -41,9 +38,13 @@ from lightning_distill.projectors import (
 )
 from lightning_distill.schedules import Schedule, checked_schedule
 from lightning_distill.teacher import TeacherOutputs
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-LRSchedulerFactory = Callable[[Optimizer], LRScheduler]
+from lightning_distill.training import (
+    LRSchedulerFactory,
+    OptimizerFactory,
+    build_optimizers,
+    check_factories,
+    log_rate,
+)
 
 
 class DistillModule(L.LightningModule):
@@ -115,15 +116,7 @@ class DistillModule(L.LightningModule):
         super().__init__()
         if student is not None and not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
-        for name, factory, example in (
-            ("optimizer", optimizer, "functools.partial(torch.optim.Adam, lr=1e-3)"),
-            ("lr_scheduler", lr_scheduler, "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10)"),
-        ):
-            if factory is not None and not callable(factory):
-                raise TypeError(
-                    f"`{name}` must be a factory that builds it, got an instance of {type(factory).__name__}. "
-                    f"HINT: pass `{example}`."
-                )
+        check_factories(optimizer, lr_scheduler)
         self.student = student
         self._divergence = check_divergence(divergence)
         self._ignore_index = _check_ignore_index(ignore_index)
@@ -536,37 +529,15 @@ class DistillModule(L.LightningModule):
     def _log_rate(
         self, stage: str, dataloader_idx: int, name: str, hits: Tensor, counted: Tensor, prog_bar: bool = False
     ) -> None:
-        """Accumulate the fraction of counted positions that are hits and log it as ``{stage}/{name}``.
-
-        Each stage, dataloader and rate has its own ``MeanMetric`` (Lightning appends ``/dataloader_idx_<i>`` to the
-        key when there are several dataloaders), so rates are exact over all samples and synchronized across ranks.
-        """
-        key = f"{stage}_{dataloader_idx}_{name}"
-        if key not in self.eval_metrics:
-            self.eval_metrics[key] = MeanMetric().to(self.device)
-        metric = cast(MeanMetric, self.eval_metrics[key])
-        metric.update(hits[counted].float())
-        self.log(
-            f"{stage}/{name}",
-            metric,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=prog_bar,
-            metric_attribute=f"eval_metrics.{key}",  # created after Lightning indexed the module's metrics
-        )
+        """Log the exact rate of hits among counted positions as ``{stage}/{name}`` (see :func:`log_rate`)."""
+        metric_name = f"{stage}_{dataloader_idx}_{name}"
+        log_rate(self, self.eval_metrics, "eval_metrics", metric_name, f"{stage}/{name}", hits, counted, prog_bar)
 
     # ---------------------------------------------------------------------------------------------------- optimizer
     @override
     def configure_optimizers(self) -> Any:
         """Build the optimizer from ``optimizer`` (default Adam, lr 1e-3) and the optional ``lr_scheduler``."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            optimizer: Optimizer = torch.optim.Adam(params, lr=1e-3)
-        else:
-            optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        return build_optimizers(self, self.optimizer_factory, self.lr_scheduler_factory)
 
     # ------------------------------------------------------------------------------------------------------- export
     def export_student(self) -> nn.Module:
