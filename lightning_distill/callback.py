@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_distill.module import DistillModule
+from lightning_distill.outputs import example_inputs
 from lightning_distill.teacher import TeacherRunner, load_teacher_checkpoint, teacher_fingerprint
 
 _SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
@@ -131,7 +132,7 @@ class DistillationCallback(L.Callback):
         if stage != "fit":
             return
         if any(m.key not in pl_module.projectors for m in pl_module.feature_maps):
-            example = _example_inputs(trainer, pl_module)
+            example = example_inputs(trainer, pl_module)
             teacher_features = None
             if example is not None:
                 inputs = move_data_to_device(example, trainer.strategy.root_device)
@@ -231,21 +232,6 @@ def _as_distill_module(pl_module: L.LightningModule) -> DistillModule:
     if not isinstance(pl_module, DistillModule):  # setup() has refused this already; keeps type checkers honest
         raise TypeError(f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__}.")
     return pl_module
-
-
-def _example_inputs(trainer: L.Trainer, module: DistillModule) -> Any:
-    """Inputs to infer feature shapes from: ``example_input_array``, else the first batch of the datamodule.
-
-    The datamodule's training dataloader is read under a forked RNG, so the run's random stream is unchanged.
-    """
-    if module.example_input_array is not None:
-        return module.example_input_array
-    datamodule = getattr(trainer, "datamodule", None)  # set by the Trainer's data connector
-    if datamodule is None:
-        return None
-    with torch.random.fork_rng(devices=[]):
-        batch = next(iter(datamodule.train_dataloader()))
-    return module.split_batch(batch)[0]
 
 
 def _check_finite(logits: Tensor, trainer: L.Trainer, batch_idx: int) -> None:

@@ -32,6 +32,17 @@ def feature_key(layer: str, select: Selector = None) -> str:
     return layer if select is None else f"{layer}[{select!r}]"
 
 
+def input_key(layer: str) -> str:
+    """Return the key under which the first positional input of ``layer`` is stored.
+
+    Example::
+
+        >>> input_key("head")
+        'head:input'
+    """
+    return f"{layer}:input"
+
+
 def check_selector(select: object, what: str) -> Selector:
     """Validate a selector: ``None``, a non-negative or negative ``int`` index, or a non-empty ``str`` key.
 
@@ -117,6 +128,7 @@ class FeatureCapture:
     def __init__(self, role: str) -> None:
         self.role = role
         self._selectors: dict[str, list[Selector]] = {}
+        self._input_layers: list[str] = []
         self._recorded: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
         self._recording = False
@@ -124,7 +136,8 @@ class FeatureCapture:
     @property
     def keys(self) -> list[str]:
         """Keys of every requested feature, in the order they were added."""
-        return [feature_key(layer, select) for layer, selects in self._selectors.items() for select in selects]
+        outputs = [feature_key(layer, select) for layer, selects in self._selectors.items() for select in selects]
+        return outputs + [input_key(layer) for layer in self._input_layers]
 
     @property
     def attached(self) -> bool:
@@ -140,18 +153,27 @@ class FeatureCapture:
             self._selectors.setdefault(layer, []).append(select)
         return feature_key(layer, select)
 
+    def add_input(self, layer: str) -> str:
+        """Request the first positional input of ``layer`` and return its key (``"<layer>:input"``); idempotent."""
+        if layer not in self._input_layers:
+            if self.attached:
+                raise RuntimeError(f"Request the {self.role}'s features before its hooks are attached.")
+            self._input_layers.append(layer)
+        return input_key(layer)
+
     def check(self, model: nn.Module) -> None:
         """Raise ``ValueError`` (listing the closest names) if a requested layer does not exist in ``model``."""
-        for layer in self._selectors:
+        for layer in dict.fromkeys([*self._selectors, *self._input_layers]):
             find_layer(model, layer, role=self.role)
 
     def attach(self, model: nn.Module) -> None:
         """Register one forward hook per requested layer of ``model`` (idempotent)."""
         if self.attached:
             return
-        for layer, selects in self._selectors.items():
+        for layer in dict.fromkeys([*self._selectors, *self._input_layers]):
             module = find_layer(model, layer, role=self.role)
-            self._handles.append(module.register_forward_hook(self._hook(layer, selects)))
+            hook = self._hook(layer, self._selectors.get(layer, []), layer in self._input_layers)
+            self._handles.append(module.register_forward_hook(hook))
 
     def remove(self) -> None:
         """Remove the hooks and forget anything recorded."""
@@ -185,12 +207,16 @@ class FeatureCapture:
             )
         return recorded
 
-    def _hook(self, layer: str, selects: Sequence[Selector]) -> Callable[[nn.Module, Any, Any], None]:
+    def _hook(
+        self, layer: str, selects: Sequence[Selector], record_input: bool
+    ) -> Callable[[nn.Module, Any, Any], None]:
         where = f"The {self.role}'s layer {layer!r}"
 
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        def hook(_module: nn.Module, inputs: Any, output: Any) -> None:
             if self._recording:
                 for select in selects:
                     self._recorded[feature_key(layer, select)] = select_output(output, select, where)
+                if record_input:
+                    self._recorded[input_key(layer)] = select_output(inputs, 0, f"{where} (its inputs)")
 
         return hook

@@ -43,6 +43,7 @@ from lightning_distill.training import (
     OptimizerFactory,
     build_optimizers,
     check_factories,
+    check_optimized,
     log_rate,
 )
 
@@ -430,24 +431,13 @@ class DistillModule(L.LightningModule):
     @override
     def on_fit_start(self) -> None:
         """Check that every trainable projector parameter is in an optimizer (else it would silently never train)."""
-        if not self.projectors or self._trainer is None:
-            return
-        optimized = {
-            id(p) for optimizer in self.trainer.optimizers for g in optimizer.param_groups for p in g["params"]
-        }
-        if not optimized & {id(p) for p in self.parameters()}:
-            return  # parameters flattened by the strategy (FSDP) or manual optimization: identity is not comparable
-        missing = [
-            f"projectors.{name}"
-            for name, p in self.projectors.named_parameters()
-            if p.requires_grad and id(p) not in optimized
-        ]
-        if missing:
-            raise RuntimeError(
-                f"The projector parameters {missing} are in no optimizer, so they would never train. HINT: build the "
-                "optimizer from `self.parameters()` in `configure_optimizers` (it includes `self.projectors`); under "
-                "LightningCLI give it as the model's `optimizer:` argument, not the top-level `optimizer:` (built "
-                "before the projectors exist)."
+        if self.projectors and self._trainer is not None:
+            check_optimized(
+                self,
+                ((f"projectors.{name}", p) for name, p in self.projectors.named_parameters()),
+                "build the optimizer from `self.parameters()` in `configure_optimizers` (it includes "
+                "`self.projectors`); under LightningCLI give it as the model's `optimizer:` argument, not the "
+                "top-level `optimizer:` (built before the projectors exist).",
             )
 
     @override

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
+import torch
 from torch import Tensor, nn
 
 TARGET_KEYS = ("labels", "label", "y", "target")
@@ -102,3 +104,19 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
         f"Cannot split a batch of type {type(batch).__name__} into (inputs, target): expected a tuple, list, "
         "mapping or tensor. HINT: override `DistillModule.split_batch`."
     )
+
+
+def example_inputs(trainer: L.Trainer, module: Any) -> Any:
+    """Inputs to infer shapes from: the module's ``example_input_array``, else the first batch of the datamodule.
+
+    ``module`` needs ``example_input_array`` and ``split_batch`` (both of this package's LightningModules have them).
+    The datamodule's training dataloader is read under a forked RNG, so the run's random stream is unchanged.
+    """
+    if module.example_input_array is not None:
+        return module.example_input_array
+    datamodule = getattr(trainer, "datamodule", None)  # set by the Trainer's data connector
+    if datamodule is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        batch = next(iter(datamodule.train_dataloader()))
+    return module.split_batch(batch)[0]

@@ -77,3 +77,22 @@ def log_rate(
         prog_bar=prog_bar,
         metric_attribute=f"{attribute}.{metric_name}",  # created after Lightning indexed the module's metrics
     )
+
+
+def check_optimized(module: L.LightningModule, parameters: Iterable[tuple[str, nn.Parameter]], hint: str) -> None:
+    """Raise if a trainable parameter among ``parameters`` is in none of the Trainer's optimizers.
+
+    Distillation-only parameters (projectors, exit heads) are easy to leave out of a hand-written optimizer, and they
+    then never train, silently. The check is skipped when none of the module's parameters is found in any optimizer
+    (a strategy that flattens parameters, such as FSDP, makes identity comparisons meaningless).
+
+    Raises:
+        RuntimeError: Naming the missing parameters, followed by ``hint``.
+    """
+    optimizers = module.trainer.optimizers
+    optimized = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    if not optimized & {id(p) for p in module.parameters()}:
+        return
+    missing = [name for name, p in parameters if p.requires_grad and id(p) not in optimized]
+    if missing:
+        raise RuntimeError(f"The parameters {missing} are in no optimizer, so they would never train. HINT: {hint}")
