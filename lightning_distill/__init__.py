@@ -7,8 +7,9 @@ Add :class:`DistillationCallback` (it owns the frozen teacher) to the Trainer an
 from lightning_distill.callback import DistillationCallback
 from lightning_distill.feature_map import FeatureMap
 from lightning_distill.module import DistillModule
+from lightning_distill.self_distill import SelfDistillModule
 from lightning_distill.teacher import TeacherOutputs
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillModule", "DistillationCallback", "FeatureMap", "TeacherOutputs", "__version__"]
+__all__ = ["DistillModule", "DistillationCallback", "FeatureMap", "SelfDistillModule", "TeacherOutputs", "__version__"]

@@ -8,9 +8,13 @@ learn from the labels and from the deepest exit's soft targets.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from lightning_distill.projectors import ChannelProjector
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _POOLS: dict[int, Callable[..., Tensor]] = {
@@ -21,16 +25,18 @@ _POOLS: dict[int, Callable[..., Tensor]] = {
 
 
 class ExitHead(nn.Module):
-    """Bottleneck + linear classifier on one intermediate feature.
+    """A cheap bottleneck + linear classifier on one intermediate feature.
 
-    For a channel-first map ``(N, C, *spatial)`` (1 to 3 spatial dims) the bottleneck is a 3-wide convolution
-    ``C -> width`` with ReLU; the hint is the bottleneck map average-pooled to the deepest feature's spatial size (or
-    globally, when the deepest feature is a vector), and the classifier reads the globally averaged bottleneck. For
-    a vector feature ``(N, D)`` the bottleneck is ``Linear(D, width)`` with ReLU, which is also the hint.
+    For a channel-first map ``(N, C, *spatial)`` (1 to 3 spatial dims): a 3-wide convolution ``C -> C`` with ReLU
+    (at the exit's own width, so a shallow head costs little), then a projection to ``width`` with ReLU: after global
+    average pooling when the deepest feature is a vector (``Linear(C, width)``), or as a 1x1 convolution followed by
+    average pooling to the deepest feature's spatial size when it is a map. That projection is the **hint** compared
+    with the deepest feature; the classifier reads it (globally averaged, for a map). For a vector feature ``(N, D)``
+    the bottleneck is ``Linear(D, width)`` with ReLU.
 
     Args:
         in_shape: Per-sample shape of the feature the head reads (no batch dimension): ``(C, *spatial)`` or ``(D,)``.
-        width: Channels (or features) of the bottleneck; equal to the deepest feature's, so the hint matches it.
+        width: Width of the hint; equal to the deepest feature's channels (or features), so the hint matches it.
         num_classes: Number of logits.
         hint_shape: Per-sample shape of the deepest feature the hint is compared with; ``None`` for no hint.
 
@@ -56,21 +62,34 @@ class ExitHead(nn.Module):
         if hint_shape is not None and len(hint_shape) > 1 and len(in_shape) == 1:
             raise ValueError(f"A vector feature {in_shape} cannot give a hint shaped like the map {hint_shape}.")
         self.in_shape = tuple(in_shape)
+        self.width = width
         self.hint_shape = None if hint_shape is None else tuple(hint_shape)
+        channels = in_shape[0]
+        self.map_hint = self.hint_shape is not None and len(self.hint_shape) > 1
         if len(in_shape) == 1:
-            self.bottleneck: nn.Module = nn.Sequential(nn.Linear(in_shape[0], width), nn.ReLU())
+            self.conv: nn.Module = nn.Identity()
         else:
-            conv = _CONVS[len(in_shape) - 1](in_shape[0], width, kernel_size=3, padding=1)
-            self.bottleneck = nn.Sequential(conv, nn.ReLU())
+            conv = _CONVS[len(in_shape) - 1](channels, channels, kernel_size=3, padding=1)
+            self.conv = nn.Sequential(conv, nn.ReLU())
+        self.project: nn.Module = ChannelProjector(channels, width) if self.map_hint else nn.Linear(channels, width)
         self.classifier = nn.Linear(width, num_classes)
 
+    def spec(self) -> dict[str, Any]:
+        """The constructor arguments other than ``num_classes``, as plain lists (stored in checkpoints)."""
+        return {
+            "in_shape": list(self.in_shape),
+            "width": self.width,
+            "hint_shape": None if self.hint_shape is None else list(self.hint_shape),
+        }
+
     def forward(self, feature: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(hint, logits)`` for a batch of features; ``hint`` is the bottleneck output, shaped for the L2."""
-        hidden = self.bottleneck(feature)
-        if hidden.ndim == 2:
-            return hidden, self.classifier(hidden)
-        pooled = hidden.flatten(2).mean(-1)
-        if self.hint_shape is None or len(self.hint_shape) == 1:
-            return pooled, self.classifier(pooled)
+        """Return ``(hint, logits)`` for a batch of features; ``hint`` is shaped like the deepest feature."""
+        hidden = self.conv(feature)
+        if not self.map_hint:
+            pooled = hidden if hidden.ndim == 2 else hidden.flatten(2).mean(-1)
+            hint = torch.relu(self.project(pooled))
+            return hint, self.classifier(hint)
+        assert self.hint_shape is not None  # map_hint implies it
         size = self.hint_shape[1:]
-        return _POOLS[len(size)](hidden, size), self.classifier(pooled)
+        hint = _POOLS[len(size)](torch.relu(self.project(hidden)), size)
+        return hint, self.classifier(hint.flatten(2).mean(-1))

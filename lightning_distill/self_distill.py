@@ -1,0 +1,451 @@
+r"""SelfDistillModule: one network teaches itself through auxiliary exits ("Be Your Own Teacher").
+
+Zhang et al., "Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks via Self
+Distillation", ICCV 2019: shallow classifiers are attached at several depths; the deepest classifier (the network's
+own output) teaches the shallower ones, and every exit also learns from the labels. All are trained together, in
+one stage, with no separate teacher; at inference the shallow exits let confident samples stop early.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_distill.capture import FeatureCapture
+from lightning_distill.early_exit import EarlyExitReport, ExitModel, run_early_exit, sweep_thresholds
+from lightning_distill.heads import ExitHead
+from lightning_distill.layers import find_layer
+from lightning_distill.losses.functional import (
+    check_alpha,
+    check_temperature,
+    check_weight,
+    cross_entropy,
+    distillation_loss_terms,
+    mse_feature_loss,
+)
+from lightning_distill.losses.functional._common import _check_ignore_index
+from lightning_distill.outputs import call_with_inputs, example_inputs, extract_logits, split_batch
+from lightning_distill.training import (
+    LRSchedulerFactory,
+    OptimizerFactory,
+    build_optimizers,
+    check_factories,
+    check_optimized,
+    log_rate,
+)
+
+_CHECKPOINT_KEY = "self_distill"
+
+
+class SelfDistillModule(L.LightningModule):
+    r"""Train a backbone together with auxiliary exits that learn from its deepest output.
+
+    For shallow exit :math:`i` (logits :math:`z_i`, hint :math:`h_i`) and the backbone's own output :math:`z_K`
+    (the deepest exit, whose classifier's input :math:`f_K` is the deepest feature), the loss is
+
+    .. math::
+
+        \mathcal{L} = \sum_{i<K} w_i \Big[ \alpha \, T^2 \, \mathrm{KL}\big(p_K^{(T)} \,\|\, p_i^{(T)}\big)
+        + (1 - \alpha)\, \mathrm{CE}(z_i, y) + \lambda \, \overline{(h_i - f_K)^2} \Big] + w_K \, \mathrm{CE}(z_K, y)
+
+    with :math:`p^{(T)} = \mathrm{softmax}(z / T)` and the deepest logits and feature **detached** (the deepest exit
+    is the teacher; it learns from the labels only). Heads (:class:`~lightning_distill.heads.ExitHead`) attach to the
+    named layers by forward hooks, with no edit to the backbone; they are sized from one dry forward (on
+    ``example_input``, ``example_input_array`` or the datamodule's first batch) before the optimizer is built, so the
+    optimizer, the checkpoint and resume all see them.
+
+    Args:
+        backbone: The network; its forward returns logits (a tensor, ``.logits`` or ``["logits"]``), classes last.
+        exits: Dotted names of the backbone layers after which an exit is attached, shallow to deep, in the order
+            the forward runs them. Each layer's output must be a tensor whose first dimension is the batch.
+        num_classes: Number of classes.
+        temperature: Softmax temperature :math:`T > 0` of the KD terms.
+        alpha: Weight :math:`\alpha \in [0, 1]` of the KD term of each shallow exit; ``1 - alpha`` weights its CE.
+        feature_weight: Weight :math:`\lambda \ge 0` of the L2 hint between each shallow exit and the deepest feature.
+        exit_weights: Per-exit weights :math:`w_0 .. w_K` (``len(exits) + 1`` numbers, the last for the backbone's
+            own output); default all 1.
+        feature_layer: Name of the layer whose **output** is the deepest feature. Default: the input of the layer
+            that returns the backbone's logits (its classifier), found in the dry forward.
+        example_input: Inputs of one batch; when given, the heads are built at construction.
+        ignore_index: Target value left out of every term and metric.
+        optimizer: Factory building the optimizer from the parameters (default Adam, lr 1e-3).
+        lr_scheduler: Optional factory building a scheduler (stepped every epoch) from the optimizer.
+
+    Raises:
+        TypeError: For a backbone that is not an ``nn.Module`` or a non-factory optimizer / scheduler.
+        ValueError: For empty or repeated exits, an exit or feature layer the backbone lacks (closest names are
+            listed), a bad weight, ``alpha`` or ``temperature``.
+
+    Example::
+
+        >>> from lightning_distill.models import MNIST1DDeepCNN
+        >>> model = SelfDistillModule(MNIST1DDeepCNN(), exits=["stages.0", "stages.1"], num_classes=10,
+        ...                           example_input=torch.randn(2, 40))
+        >>> [type(head).__name__ for head in model.heads]
+        ['ExitHead', 'ExitHead']
+        >>> preds, exit_idx = model.predict_early_exit(torch.randn(5, 40), threshold=0.0)
+        >>> exit_idx.tolist()
+        [0, 0, 0, 0, 0]
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        exits: Sequence[str],
+        num_classes: int,
+        *,
+        temperature: float = 3.0,
+        alpha: float = 0.3,
+        feature_weight: float = 0.03,
+        exit_weights: Sequence[float] | None = None,
+        feature_layer: str | None = None,
+        example_input: Any = None,
+        ignore_index: int = -100,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: LRSchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"`backbone` must be a torch.nn.Module, got {type(backbone).__name__}.")
+        check_factories(optimizer, lr_scheduler)
+        if isinstance(exits, str) or not exits or len(set(exits)) != len(exits):
+            raise ValueError(f"`exits` must be a non-empty list of distinct layer names, got {exits!r}.")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"`num_classes` must be an int >= 2, got {num_classes!r}.")
+        weights = [1.0] * (len(exits) + 1) if exit_weights is None else list(exit_weights)
+        if len(weights) != len(exits) + 1:
+            raise ValueError(
+                f"`exit_weights` needs one weight per exit plus one for the backbone's output ({len(exits) + 1}), "
+                f"got {len(weights)}: {exit_weights!r}."
+            )
+        self.backbone = backbone
+        self.exits = tuple(exits)
+        self.num_classes = num_classes
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
+        self.feature_weight = check_weight("feature_weight", feature_weight)
+        self.exit_weights = [check_weight(f"exit_weights[{i}]", w) for i, w in enumerate(weights)]
+        self.ignore_index = _check_ignore_index(ignore_index)
+        self.feature_layer = feature_layer
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        for name in (*self.exits, *([feature_layer] if feature_layer is not None else [])):
+            find_layer(backbone, name, role="backbone")
+        self.heads = nn.ModuleList()
+        self.hint_key: str | None = None  # key of the deepest feature in the capture, set when the heads are built
+        self._capture: FeatureCapture | None = None
+        self.eval_metrics = nn.ModuleDict()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "example_input"])
+        if example_input is not None:
+            self.example_input_array = example_input
+            self.build_heads(example_input)
+
+    # ------------------------------------------------------------------------------------------------------ heads
+    def build_heads(self, inputs: Any) -> None:
+        """Size and create one exit head per exit from a dry forward of the backbone on ``inputs``; idempotent.
+
+        The forward runs in eval mode without gradient (train/eval modes are restored). It also checks that every
+        exit runs once, in the given order, and returns a batch-first tensor, and finds the deepest feature.
+
+        Raises:
+            ValueError: If an exit does not run, runs out of order, or returns something else than a batch-first
+                tensor, or the deepest feature cannot be found while ``feature_weight > 0``.
+        """
+        if len(self.heads) == len(self.exits) and self.hint_key is not None:
+            return
+        order: list[str] = []
+        names = {module: name for name, module in self.backbone.named_modules()}
+        exit_modules = {find_layer(self.backbone, name, role="backbone"): name for name in self.exits}
+        calls: list[tuple[nn.Module, Any, Any]] = []
+
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            calls.append((module, args, output))
+            if module in exit_modules:
+                order.append(exit_modules[module])
+
+        handle = nn.modules.module.register_module_forward_hook(record)
+        modes = {module: module.training for module in self.modules()}
+        self.eval()
+        try:
+            with torch.no_grad():
+                logits = extract_logits(call_with_inputs(self.backbone, _to_device(inputs, self)), role="backbone")
+        finally:
+            handle.remove()
+            for module, training in modes.items():
+                module.training = training
+        if order != list(self.exits):
+            raise ValueError(
+                f"The exits must each run once, in forward order; the backbone ran them as {order}, expected "
+                f"{list(self.exits)}. HINT: list the exits shallow to deep, naming layers every forward goes through."
+            )
+        outputs = {exit_modules[m]: out for m, _, out in calls if m in exit_modules}
+        for name, out in outputs.items():
+            if not isinstance(out, Tensor) or out.ndim < 2 or out.shape[0] != logits.shape[0]:
+                raise ValueError(
+                    f"Exit {name!r} must output a batch-first tensor, got "
+                    f"{type(out).__name__}{'' if not isinstance(out, Tensor) else tuple(out.shape)}."
+                )
+        hint, self.hint_key = self._find_hint(calls, names, logits)
+        hint_shape = None if hint is None else tuple(hint.shape[1:])
+        self.heads = nn.ModuleList(
+            ExitHead(
+                tuple(outputs[name].shape[1:]),
+                width=outputs[name].shape[1] if hint_shape is None else hint_shape[0],
+                num_classes=self.num_classes,
+                hint_shape=hint_shape,
+            )
+            for name in self.exits
+        ).to(logits.device)
+        self._capture = None  # rebuilt with the hint key on next use
+
+    def _find_hint(
+        self, calls: list[tuple[nn.Module, Any, Any]], names: dict[nn.Module, str], logits: Tensor
+    ) -> tuple[Tensor | None, str | None]:
+        """The deepest feature and its capture key: ``feature_layer``'s output, else the classifier's input."""
+        if self.feature_layer is not None:
+            layer = find_layer(self.backbone, self.feature_layer, role="backbone")
+            outputs = [out for m, _, out in calls if m is layer]
+            if not outputs or not isinstance(outputs[-1], Tensor):
+                raise ValueError(f"`feature_layer` {self.feature_layer!r} did not return a tensor in the forward.")
+            return outputs[-1], self.feature_layer
+        for module, args, out in calls:  # hooks fire as modules finish: the innermost producer of the logits first
+            if out is logits and args and isinstance(args[0], Tensor) and names.get(module):
+                return args[0], f"{names[module]}:input"
+        if self.feature_weight > 0:
+            raise ValueError(
+                "Cannot find the deepest feature: no layer of the backbone returns its logits as they are. HINT: pass "
+                "`feature_layer=` (the layer whose output feeds the classifier), or `feature_weight=0.0`."
+            )
+        return None, None
+
+    def _ensure_capture(self) -> FeatureCapture:
+        """The forward hooks on the exits (and the deepest feature), attached to the backbone."""
+        if self._capture is None:
+            capture = FeatureCapture(role="backbone")
+            for name in self.exits:
+                capture.add(name)
+            if self.hint_key is not None:
+                layer, _, kind = self.hint_key.partition(":")
+                capture.add_input(layer) if kind == "input" else capture.add(layer)
+            self._capture = capture
+        self._capture.attach(self.backbone)
+        return self._capture
+
+    # ---------------------------------------------------------------------------------------------------- forward
+    @override
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the backbone: its output is the deepest exit's."""
+        return self.backbone(*args, **kwargs)
+
+    def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """Split a batch into ``(inputs, target)``; see :func:`~lightning_distill.outputs.split_batch`."""
+        return split_batch(batch)
+
+    def exit_outputs(self, inputs: Any) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """Run the backbone once and every head on its exit's feature.
+
+        Returns:
+            ``(logits, hints, deepest_feature)``: the logits of every exit, shallow to deep, the backbone's own last;
+            each shallow head's hint; the deepest feature (``None`` when there is none).
+        """
+        if len(self.heads) != len(self.exits):
+            raise RuntimeError(
+                f"{type(self).__name__} has no heads yet. HINT: pass `example_input=` or fit it with a Trainer (the "
+                "heads are built in setup), or call `build_heads(inputs)`."
+            )
+        capture = self._ensure_capture()
+        with capture.recording():
+            deepest = extract_logits(call_with_inputs(self.backbone, inputs), role="backbone")
+        captured = capture.take()
+        hints, logits = [], []
+        for head, name in zip(self.heads, self.exits, strict=True):
+            hint, head_logits = head(captured[name])
+            hints.append(hint)
+            logits.append(head_logits)
+        return [*logits, deepest], hints, None if self.hint_key is None else captured[self.hint_key]
+
+    # ------------------------------------------------------------------------------------------------------- loss
+    def compute_loss(
+        self, exit_logits: Sequence[Tensor], hints: Sequence[Tensor], deepest_feature: Tensor | None, target: Tensor
+    ) -> dict[str, Tensor]:
+        """Compose the loss (see the class docstring) and return every term.
+
+        Returns:
+            ``loss`` and, per exit ``i``, ``exit<i>/loss``, ``exit<i>/task_loss``, ``exit<i>/kd_loss`` and (with a
+            hint) ``exit<i>/feature_loss``; the deepest exit has ``exit<K>/task_loss`` only.
+        """
+        deepest = exit_logits[-1]
+        teacher = deepest.detach()
+        feature = None if deepest_feature is None else deepest_feature.detach()
+        terms: dict[str, Tensor] = {}
+        total = cross_entropy(deepest, target, ignore_index=self.ignore_index)
+        terms[f"exit{len(self.exits)}/task_loss"] = total
+        total = self.exit_weights[-1] * total
+        for i, (logits, hint) in enumerate(zip(exit_logits[:-1], hints, strict=True)):
+            parts = distillation_loss_terms(
+                logits, teacher, target, alpha=self.alpha, temperature=self.temperature, ignore_index=self.ignore_index
+            )
+            loss = parts["loss"]
+            terms[f"exit{i}/task_loss"], terms[f"exit{i}/kd_loss"] = parts["task_loss"], parts["kd_loss"]
+            if feature is not None and self.feature_weight > 0:
+                terms[f"exit{i}/feature_loss"] = mse_feature_loss(hint, feature)
+                loss = loss + self.feature_weight * terms[f"exit{i}/feature_loss"]
+            terms[f"exit{i}/loss"] = loss
+            total = total + self.exit_weights[i] * loss
+        terms["loss"] = total
+        return terms
+
+    # ------------------------------------------------------------------------------------------------------ steps
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, target = self.split_batch(batch)
+        if target is None:
+            raise ValueError("Self-distillation needs labels: every exit learns from them, but the batch has none.")
+        logits, hints, feature = self.exit_outputs(inputs)
+        terms = self.compute_loss(logits, hints, feature, target)
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=logits[-1].shape[0])
+        return terms["loss"]
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, dataloader_idx)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Return the backbone's (deepest exit's) logits."""
+        return extract_logits(call_with_inputs(self.backbone, self.split_batch(batch)[0]), role="backbone")
+
+    def _evaluate(self, stage: str, batch: Any, dataloader_idx: int) -> None:
+        """Log ``{stage}/loss`` and ``{stage}/acc`` (the backbone), ``{stage}/acc_exit<i>`` and the ensemble."""
+        inputs, target = self.split_batch(batch)
+        if target is None:
+            return
+        logits, _, _ = self.exit_outputs(inputs)
+        counted = target != self.ignore_index
+        loss = cross_entropy(logits[-1], target, ignore_index=self.ignore_index)
+        self.log(f"{stage}/loss", loss, batch_size=target.shape[0], sync_dist=True, prog_bar=stage == "val")
+        ensemble = torch.stack([z.float().softmax(-1) for z in logits]).mean(0)
+        rates = {f"acc_exit{i}": z.argmax(-1) == target for i, z in enumerate(logits)}
+        rates.update(acc=logits[-1].argmax(-1) == target, acc_ensemble=ensemble.argmax(-1) == target)
+        for name, hits in rates.items():
+            metric = f"{stage}_{dataloader_idx}_{name}"
+            log_rate(self, self.eval_metrics, "eval_metrics", metric, f"{stage}/{name}", hits, counted, name == "acc")
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    @override
+    def setup(self, stage: str) -> None:
+        """Build the heads (before the optimizer) from ``example_input_array`` or the datamodule's first batch."""
+        if len(self.heads) == len(self.exits) and self.hint_key is not None:
+            return
+        inputs = example_inputs(self.trainer, self)
+        if inputs is None:
+            raise RuntimeError(
+                f"{type(self).__name__} sizes its exit heads from one dry forward, but has no example input. HINT: "
+                "pass `example_input=` (the inputs of one batch), set `example_input_array`, or fit from a "
+                "LightningDataModule (its first batch is used)."
+            )
+        self.build_heads(inputs)
+        if self.example_input_array is None:  # kept (two samples) for `export_exit` and the model summary
+            self.example_input_array = apply_to_collection(inputs, Tensor, lambda t: t[:2])
+
+    @override
+    def teardown(self, stage: str) -> None:
+        """Remove the forward hooks from the backbone."""
+        if self._capture is not None:
+            self._capture.remove()
+
+    @override
+    def on_fit_start(self) -> None:
+        """Refuse to train if an exit head's parameter is in no optimizer."""
+        check_optimized(
+            self,
+            ((f"heads.{name}", p) for name, p in self.heads.named_parameters()),
+            "build the optimizer from `self.parameters()` (it includes `self.heads`); under LightningCLI give it as "
+            "the model's `optimizer:` argument.",
+        )
+
+    @override
+    def configure_optimizers(self) -> Any:
+        """Build the optimizer (default Adam, lr 1e-3) over backbone and heads, and the optional scheduler."""
+        return build_optimizers(self, self.optimizer_factory, self.lr_scheduler_factory)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the heads' shapes and the deepest feature's key, so a bare module can be rebuilt from the file."""
+        checkpoint[_CHECKPOINT_KEY] = {
+            "heads": [head.spec() for head in self.exit_heads],
+            "hint_key": self.hint_key,
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the heads from the stored shapes (``load_from_checkpoint`` of a module built without input)."""
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is None or len(self.heads) == len(self.exits):
+            return
+        self.heads = nn.ModuleList(
+            ExitHead(
+                tuple(spec["in_shape"]),
+                spec["width"],
+                self.num_classes,
+                None if spec["hint_shape"] is None else tuple(spec["hint_shape"]),
+            )
+            for spec in state["heads"]
+        )
+        self.hint_key = state["hint_key"]
+        self._capture = None
+
+    # ------------------------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict_early_exit(self, inputs: Any, threshold: float) -> tuple[Tensor, Tensor]:
+        """Predict each sample at the first exit whose top softmax probability is at least ``threshold``.
+
+        Samples that stop at an exit do **not** run the deeper layers: the batch shrinks at every exit to the samples
+        still going (see :func:`~lightning_distill.early_exit.run_early_exit`). ``threshold=0`` stops every sample at
+        the first exit; a threshold above 1 runs the full network for all.
+
+        Returns:
+            ``(predictions, exit_index)``, both ``(N,)``; exit ``len(exits)`` is the backbone's own output.
+        """
+        return run_early_exit(self, inputs, threshold)
+
+    def sweep_thresholds(self, dataloader: Any, thresholds: Sequence[float], repeats: int = 3) -> list[EarlyExitReport]:
+        """Measure accuracy, exit use and latency of early exit per threshold (see :func:`sweep_thresholds`)."""
+        return sweep_thresholds(self, dataloader, thresholds, repeats=repeats)
+
+    def export_exit(self, index: int) -> nn.Module:
+        """A standalone model that runs the backbone up to exit ``index`` and returns that exit's logits.
+
+        Layers the backbone would only run after that exit are removed from the copy (see
+        :class:`~lightning_distill.early_exit.ExitModel`); ``index == len(exits)`` returns a copy of the backbone.
+        """
+        return ExitModel.from_module(self, index)
+
+    @property
+    def exit_heads(self) -> list[ExitHead]:
+        """The exit heads, shallow to deep (empty until built)."""
+        return [cast(ExitHead, head) for head in self.heads]
+
+    @property
+    def exit_layers(self) -> Mapping[str, nn.Module]:
+        """The backbone layers the exits attach to, by name, shallow to deep."""
+        return {name: find_layer(self.backbone, name, role="backbone") for name in self.exits}
+
+
+def _to_device(inputs: Any, module: L.LightningModule) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(inputs, module.device)
