@@ -182,6 +182,10 @@ class SelfDistillModule(L.LightningModule):
             handle.remove()
             for module, training in modes.items():
                 module.training = training
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"The backbone returns {logits.shape[-1]} logits per sample but `num_classes` is {self.num_classes}."
+            )
         if order != list(self.exits):
             raise ValueError(
                 f"The exits must each run once, in forward order; the backbone ran them as {order}, expected "
