@@ -55,6 +55,8 @@ class SelfDistillModule(L.LightningModule):
         \mathcal{L} = \sum_{i<K} w_i \Big[ \alpha \, T^2 \, \mathrm{KL}\big(p_K^{(T)} \,\|\, p_i^{(T)}\big)
         + (1 - \alpha)\, \mathrm{CE}(z_i, y) + \lambda \, \overline{(h_i - f_K)^2} \Big] + w_K \, \mathrm{CE}(z_K, y)
 
+    (``kd_weight`` / ``task_weight`` replace :math:`\alpha` / :math:`1 - \alpha` when given)
+
     with :math:`p^{(T)} = \mathrm{softmax}(z / T)` and the deepest logits and feature **detached** (the deepest exit
     is the teacher; it learns from the labels only). Heads (:class:`~lightning_distill.heads.ExitHead`) attach to the
     named layers by forward hooks, with no edit to the backbone; they are sized from one dry forward (on
@@ -68,6 +70,8 @@ class SelfDistillModule(L.LightningModule):
         num_classes: Number of classes.
         temperature: Softmax temperature :math:`T > 0` of the KD terms.
         alpha: Weight :math:`\alpha \in [0, 1]` of the KD term of each shallow exit; ``1 - alpha`` weights its CE.
+        kd_weight: Overrides ``alpha`` as the KD weight of the shallow exits (any value ``>= 0``).
+        task_weight: Overrides ``1 - alpha`` as the CE weight of the shallow exits (any value ``>= 0``).
         feature_weight: Weight :math:`\lambda \ge 0` of the L2 hint between each shallow exit and the deepest feature.
         exit_weights: Per-exit weights :math:`w_0 .. w_K` (``len(exits) + 1`` numbers, the last for the backbone's
             own output); default all 1.
@@ -104,6 +108,8 @@ class SelfDistillModule(L.LightningModule):
         temperature: float = 3.0,
         alpha: float = 0.3,
         feature_weight: float = 0.03,
+        kd_weight: float | None = None,
+        task_weight: float | None = None,
         exit_weights: Sequence[float] | None = None,
         feature_layer: str | None = None,
         example_input: Any = None,
@@ -130,6 +136,8 @@ class SelfDistillModule(L.LightningModule):
         self.num_classes = num_classes
         self.temperature = check_temperature(temperature)
         self.alpha = check_alpha(alpha)
+        self.kd_weight = self.alpha if kd_weight is None else check_weight("kd_weight", kd_weight)
+        self.task_weight = 1.0 - self.alpha if task_weight is None else check_weight("task_weight", task_weight)
         self.feature_weight = check_weight("feature_weight", feature_weight)
         self.exit_weights = [check_weight(f"exit_weights[{i}]", w) for i, w in enumerate(weights)]
         self.ignore_index = _check_ignore_index(ignore_index)
@@ -148,6 +156,78 @@ class SelfDistillModule(L.LightningModule):
         if example_input is not None:
             self.example_input_array = example_input
             self.build_heads(example_input)
+
+    @classmethod
+    def from_inc_config(
+        cls,
+        backbone: nn.Module,
+        num_classes: int,
+        layer_mappings: Sequence[Sequence[Sequence[str]]],
+        loss_types: Sequence[str],
+        loss_weights: Sequence[float],
+        temperature: float = 1.0,
+        add_origin_loss: bool = True,
+        **kwargs: Any,
+    ) -> SelfDistillModule:
+        """Build the module from Intel Neural Compressor's ``SelfKnowledgeDistillationLossConfig`` arguments.
+
+        Each group of ``layer_mappings`` is a list of ``[shallow, deepest]`` layer pairs with one loss type and
+        weight. Here the shallow names are the backbone layers the exits attach to (in forward order, first seen
+        first); the deepest name of the ``"L2"`` group is the ``feature_layer``. ``"L2"`` sets ``feature_weight``,
+        ``"KL"`` and ``"CE"`` the KD weight of the shallow exits: INC's soft cross-entropy differs from the KL only
+        by the deepest exit's entropy (a constant for the shallow exit), so the two weights add up. Shallow exits get
+        no hard-label term (as in INC); ``add_origin_loss`` keeps the backbone's own CE. Each group counts **once**
+        (INC's ``loss_cal`` adds earlier groups again with every later one). Normalizations are ours: the hint is
+        a mean squared error, the KD term carries ``T²``.
+
+        Raises:
+            ValueError: For groups and ``loss_types`` / ``loss_weights`` of different lengths, an unknown loss type,
+                or several deepest layers in the ``"L2"`` group.
+
+        Example::
+
+            >>> from lightning_distill.models import MNIST1DDeepCNN
+            >>> model = SelfDistillModule.from_inc_config(
+            ...     MNIST1DDeepCNN(), 10,
+            ...     layer_mappings=[[["stages.0", "pool"], ["stages.1", "pool"]],
+            ...                     [["stages.0", "head"], ["stages.1", "head"]]],
+            ...     loss_types=["L2", "KL"], loss_weights=[0.5, 0.05], temperature=3.0)
+            >>> model.exits, model.feature_layer, model.feature_weight, model.kd_weight, model.task_weight
+            (('stages.0', 'stages.1'), 'pool', 0.5, 0.05, 0.0)
+        """
+        if not len(layer_mappings) == len(loss_types) == len(loss_weights):
+            raise ValueError(
+                f"`layer_mappings` ({len(layer_mappings)} groups), `loss_types` ({len(loss_types)}) and "
+                f"`loss_weights` ({len(loss_weights)}) must have the same length."
+            )
+        exits: list[str] = []
+        feature_layers: set[str] = set()
+        feature_weight, kd_weight = 0.0, 0.0
+        for group, kind, weight in zip(layer_mappings, loss_types, loss_weights, strict=True):
+            if kind not in ("L2", "KL", "CE"):
+                raise ValueError(f"INC loss type must be 'L2', 'KL' or 'CE', got {kind!r}.")
+            for shallow, deepest in group:
+                exits.extend([shallow] if shallow not in exits else [])
+                if kind == "L2":
+                    feature_layers.add(deepest)
+            if kind == "L2":
+                feature_weight += weight
+            else:
+                kd_weight += weight
+        if len(feature_layers) > 1:
+            raise ValueError(f"The 'L2' group names several deepest layers {sorted(feature_layers)}; expected one.")
+        return cls(
+            backbone,
+            exits,
+            num_classes,
+            temperature=temperature,
+            feature_weight=feature_weight,
+            kd_weight=kd_weight,
+            task_weight=0.0,
+            feature_layer=next(iter(feature_layers), None),
+            exit_weights=[1.0] * len(exits) + [1.0 if add_origin_loss else 0.0],
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------------------------------------------ heads
     def build_heads(self, inputs: Any) -> None:
@@ -296,9 +376,9 @@ class SelfDistillModule(L.LightningModule):
         total = self.exit_weights[-1] * total
         for i, (logits, hint) in enumerate(zip(exit_logits[:-1], hints, strict=True)):
             parts = distillation_loss_terms(
-                logits, teacher, target, alpha=self.alpha, temperature=self.temperature, ignore_index=self.ignore_index
+                logits, teacher, target, temperature=self.temperature, ignore_index=self.ignore_index
             )
-            loss = parts["loss"]
+            loss = self.kd_weight * parts["kd_loss"] + self.task_weight * parts["task_loss"]
             terms[f"exit{i}/task_loss"], terms[f"exit{i}/kd_loss"] = parts["task_loss"], parts["kd_loss"]
             if feature is not None and self.feature_weight > 0:
                 terms[f"exit{i}/feature_loss"] = mse_feature_loss(hint, feature)

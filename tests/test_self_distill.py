@@ -241,3 +241,34 @@ def test_missing_example_input_and_bad_threshold_are_explained(tmp_path):
         make_trainer(tmp_path).fit(model, loader())
     with pytest.raises(ValueError, match="`threshold` must be a number, got nan"):
         build().predict_early_exit(data(2)[0], threshold=float("nan"))
+
+
+def test_inc_self_distillation_config_maps_each_group_once():
+    torch.manual_seed(0)
+    groups = [
+        [["stages.0.act2", "pool"], ["stages.1", "pool"]],
+        [["stages.0.act2", "head"], ["stages.1", "head"]],
+        [["stages.0.act2", "head"], ["stages.1", "head"]],
+    ]
+    model = SelfDistillModule.from_inc_config(
+        MNIST1DDeepCNN(4, 3, num_classes=4),
+        4,
+        layer_mappings=groups,
+        loss_types=["L2", "KL", "CE"],
+        loss_weights=[0.5, 0.05, 0.02],
+        temperature=3.0,
+        example_input=data(2)[0],
+    )
+    assert model.exits == tuple(EXITS) and model.feature_layer == "pool"
+    x, y = data(6)
+    logits, hints, feature = model.exit_outputs(x)
+    terms = model.compute_loss(logits, hints, feature, y)
+    deepest = logits[-1].detach().numpy()
+    expected = ref_distillation_loss(deepest, deepest, y.numpy(), 0.0, 1.0, "kl")["task_loss"]  # add_origin_loss
+    for i in range(2):  # every group once: L2 at 0.5, KL + soft CE at 0.05 + 0.02, no hard label on shallow exits
+        kd = ref_distillation_loss(logits[i].detach().numpy(), deepest, y.numpy(), 1.0, 3.0, "kl")["kd_loss"]
+        hint = np.mean((hints[i].detach().double().numpy() - feature.detach().double().numpy()) ** 2)
+        expected += 0.07 * kd + 0.5 * hint
+    assert terms["loss"].item() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="INC loss type must be 'L2', 'KL' or 'CE', got 'MSE'"):
+        SelfDistillModule.from_inc_config(MNIST1DDeepCNN(), 10, [[["stages.0", "pool"]]], ["MSE"], [1.0])
