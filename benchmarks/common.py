@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
 import resource
 import statistics
 import sys
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -102,4 +105,38 @@ def benchmark_trainer(
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=callbacks,
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every benchmark's ``main`` sets up first: its command line, the load, a progress log and a clock."""
+
+    command: str
+    load_at_start: float | None
+    log: Callable[..., None]
+    started: float
+
+    def finish(self, lines: list[str], markdown: Path | None) -> int:
+        """Append the wall time and the load, print the report, also write it to ``markdown``; return 0."""
+        load_at_end = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
+        elapsed = time.perf_counter() - self.started
+        lines = [*lines, f"Total wall time {elapsed:.0f} s; 1-min load average at the end {load_at_end}."]
+        text = "\n".join(lines) + "\n"
+        print(text, end="")
+        if markdown is not None:
+            markdown.write_text(text)
+        return 0
+
+
+def start_run(script: str, argv: Sequence[str] | None, threads: int) -> Run:
+    """Set torch's thread count, silence expected noise, and record the command and the machine's load."""
+    torch.set_num_threads(threads)
+    quiet()
+    args = sys.argv[1:] if argv is None else argv
+    return Run(
+        command=f"python benchmarks/{script} {' '.join(args)}".strip(),
+        load_at_start=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        log=functools.partial(print, file=sys.stderr, flush=True),
+        started=time.perf_counter(),
     )

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import os
 import statistics
 import sys
 import time
@@ -62,7 +61,7 @@ from typing import Literal, get_args
 
 import lightning as L
 import torch
-from common import benchmark_trainer, machine_description, quartiles, quiet
+from common import benchmark_trainer, machine_description, quartiles, start_run
 from overhead import Config as TimingConfig
 from overhead import RunTimes, fit_with_timers, make_dataset
 from torch import nn
@@ -330,12 +329,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config(**{name: getattr(args, name) for name in Config.__dataclass_fields__})
-    torch.set_num_threads(config.threads)
-    quiet()
-    command = ("python benchmarks/features.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    log = functools.partial(print, file=sys.stderr, flush=True)
-    started = time.perf_counter()
+    run = start_run("features.py", argv, config.threads)
+    command, load_at_start, log = run.command, run.load_at_start, run.log
     lines = [
         f"## Feature distillation on MNIST-1D: `{command}`",
         "",
@@ -346,13 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ["### Accuracy", "", *accuracy_table(config, run_accuracy(config, log)), ""]
     if args.part in ("both", "overhead"):
         lines += ["### Step time with N feature maps", "", *overhead_table(config, run_overhead(config, log)), ""]
-    load_at_end = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
-    lines.append(f"Total wall time {time.perf_counter() - started:.0f} s; 1-min load average at the end {load_at_end}.")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.markdown is not None:
-        args.markdown.write_text(text)
-    return 0
+    return run.finish(lines, args.markdown)
 
 
 if __name__ == "__main__":

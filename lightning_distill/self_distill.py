@@ -149,6 +149,7 @@ class SelfDistillModule(L.LightningModule):
         self.heads = nn.ModuleList()
         self.hint_key: str | None = None  # key of the deepest feature in the capture, set when the heads are built
         self._capture: FeatureCapture | None = None
+        self._exit_layers: tuple[nn.Module, dict[str, nn.Module]] | None = None
         self.eval_metrics = nn.ModuleDict()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
@@ -526,7 +527,13 @@ class SelfDistillModule(L.LightningModule):
     @property
     def exit_layers(self) -> Mapping[str, nn.Module]:
         """The backbone layers the exits attach to, by name, shallow to deep."""
-        return {name: find_layer(self.backbone, name, role="backbone") for name in self.exits}
+        cached = self._exit_layers
+        if cached is None or cached[0] is not self.backbone:  # looked up once per backbone (early exit is hot)
+            cached = self._exit_layers = (
+                self.backbone,
+                {name: find_layer(self.backbone, name, role="backbone") for name in self.exits},
+            )
+        return cached[1]
 
 
 def _to_device(inputs: Any, module: L.LightningModule) -> Any:

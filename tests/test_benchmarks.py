@@ -41,3 +41,16 @@ def test_features_quick_runs_and_prints_both_tables() -> None:
         assert row in out
     for count in range(4):
         assert f"| {count} (" in out
+
+
+@pytest.mark.slow
+def test_self_distill_quick_runs_and_prints_the_tables(tmp_path: Path) -> None:
+    out = run_quick("self_distill.py", "--output", str(tmp_path))
+    assert "| variant | exit 0 | exit 1 | exit 2 | exit 3 (network) | ensemble | exit 3 gain vs alone | fit s |" in out
+    for row in ("| network alone (CE", "| deep supervision (CE", "| self-distillation (T=3"):
+        assert row in out
+    assert out.count("| threshold | accuracy | Δ vs full (pts) |") == 2
+    for batch in ("#### Test set in batches of 100", "#### Test set in batches of 1000"):
+        assert batch in out
+    assert "1.5x target" in out or "No threshold loses <= 1 pt" in out
+    assert (tmp_path / "self_distill.png").stat().st_size > 0
