@@ -241,7 +241,7 @@ class SelfDistillModule(L.LightningModule):
             ValueError: If an exit does not run, runs out of order, or returns something else than a batch-first
                 tensor, or the deepest feature cannot be found while ``feature_weight > 0``.
         """
-        if len(self.heads) == len(self.exits) and self.hint_key is not None:
+        if len(self.heads) == len(self.exits):
             return
         order: list[str] = []
         names = {module: name for name, module in self.backbone.named_modules()}
@@ -433,7 +433,7 @@ class SelfDistillModule(L.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         """Build the heads (before the optimizer) from ``example_input_array`` or the datamodule's first batch."""
-        if len(self.heads) == len(self.exits) and self.hint_key is not None:
+        if len(self.heads) == len(self.exits):
             return
         inputs = example_inputs(self.trainer, self)
         if inputs is None:

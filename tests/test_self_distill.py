@@ -272,3 +272,18 @@ def test_inc_self_distillation_config_maps_each_group_once():
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="INC loss type must be 'L2', 'KL' or 'CE', got 'MSE'"):
         SelfDistillModule.from_inc_config(MNIST1DDeepCNN(), 10, [[["stages.0", "pool"]]], ["MSE"], [1.0])
+
+
+def test_without_a_deepest_feature_heads_are_built_once_and_hints_are_off():
+    class ScaledLogits(MNIST1DDeepCNN):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 2.0  # no layer returns the logits as they are: no deepest feature
+
+    with pytest.raises(ValueError, match=r"Cannot find the deepest feature.*`feature_layer=`"):
+        SelfDistillModule(ScaledLogits(4, 3, num_classes=4), EXITS, 4, example_input=data(2)[0])
+    model = SelfDistillModule(ScaledLogits(4, 3, num_classes=4), EXITS, 4, feature_weight=0.0, example_input=data(2)[0])
+    heads = list(model.heads)
+    model.build_heads(data(2)[0])  # setup calls it again: the trained heads must survive
+    assert list(model.heads) == heads and model.hint_key is None
+    terms = model.compute_loss(*model.exit_outputs(data(4)[0]), data(4)[1])
+    assert "exit0/feature_loss" not in terms and terms["loss"].isfinite()
