@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_distill.module import DistillModule
 from lightning_distill.outputs import example_inputs
-from lightning_distill.teacher import TeacherRunner, load_teacher_checkpoint, teacher_fingerprint
+from lightning_distill.teacher import TeacherPrecision, TeacherRunner, load_teacher_checkpoint, teacher_fingerprint
 
 _SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 
@@ -46,6 +46,11 @@ class DistillationCallback(L.Callback):
         check_finite: Check the teacher's logits for NaN/inf on every training batch (one device synchronisation per
             step) and raise naming the step. The first batch is always checked.
         allow_untested: Run under a strategy other than single-device and DDP, whose teacher handling is untested.
+        teacher_precision: Give the teacher its own precision (``"32"``, ``"64"``, ``"16"``, ``"bf16"``), e.g. a
+            ``"bf16"`` teacher for a float32 student: its weights and floating inputs are cast to it and it runs
+            outside the Trainer's autocast. ``None`` (default) follows the Trainer's precision.
+        teacher_device: Keep the teacher on its own device (``"cpu"``, ``"cuda:1"``): the batch's inputs are moved to
+            it and its outputs back to the student's device. ``None`` (default): the student's device.
 
     Raises:
         TypeError: For a teacher that is not an ``nn.Module`` or is ``DataParallel``-wrapped, a flag that is not a
@@ -70,6 +75,8 @@ class DistillationCallback(L.Callback):
         run_on_validation: bool = True,
         check_finite: bool = True,
         allow_untested: bool = False,
+        teacher_precision: TeacherPrecision | None = None,
+        teacher_device: str | torch.device | None = None,
     ) -> None:
         for name, flag in (
             ("run_on_validation", run_on_validation),
@@ -82,7 +89,7 @@ class DistillationCallback(L.Callback):
             raise TypeError(
                 f"`teacher_checkpoint` must be a path (str or Path), got {type(teacher_checkpoint).__name__}."
             )
-        self._runner = TeacherRunner(teacher, logits_layer=logits_layer)
+        self._runner = TeacherRunner(teacher, logits_layer, precision=teacher_precision, device=teacher_device)
         if teacher_checkpoint is not None:
             load_teacher_checkpoint(teacher, teacher_checkpoint)
         self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
@@ -126,6 +133,7 @@ class DistillationCallback(L.Callback):
                 f"The teacher shares parameters with the student ({shared[:5]}): distillation needs a separate, frozen "
                 "teacher. HINT: pass `copy.deepcopy(model)` as the teacher."
             )
+        _check_available(self._runner.device)
         self._runner.place(strategy.root_device, trainer.precision_plugin.convert_module)
         self._runner.set_features((m.teacher, m.teacher_select) for m in pl_module.feature_maps)
         self._first_batch_checked = False
@@ -221,6 +229,8 @@ class DistillationCallback(L.Callback):
             "teacher_class": type(self.teacher).__qualname__,
             "teacher_checkpoint": self.teacher_checkpoint,
             "logits_layer": self._runner.logits_layer,
+            "teacher_precision": self._runner.precision,
+            "teacher_device": None if self._runner.device is None else str(self._runner.device),
         }
 
     @override
@@ -232,6 +242,18 @@ def _as_distill_module(pl_module: L.LightningModule) -> DistillModule:
     if not isinstance(pl_module, DistillModule):  # setup() has refused this already; keeps type checkers honest
         raise TypeError(f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__}.")
     return pl_module
+
+
+def _check_available(device: torch.device | None) -> None:
+    """Raise if a requested teacher device does not exist on this machine (before any weight is moved)."""
+    if device is None or device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index is not None and device.index >= count) or count == 0:
+        raise RuntimeError(
+            f"`teacher_device={str(device)!r}` is not available: this machine has {count} CUDA device(s). HINT: "
+            "pass 'cpu' or an existing 'cuda:<index>'."
+        )
 
 
 def _check_finite(logits: Tensor, trainer: L.Trainer, batch_idx: int) -> None:

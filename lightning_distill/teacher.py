@@ -12,15 +12,39 @@ import pickle
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection, move_data_to_device
 from torch import Tensor, nn
 
 from lightning_distill.capture import FeatureCapture, Selector
 from lightning_distill.outputs import call_with_inputs, extract_logits
 
 _SAMPLES_PER_TENSOR = 4096
+
+TeacherPrecision = Literal["32", "64", "16", "bf16"]
+"""A precision of the teacher's own, independent of the student's: float32, float64, float16 or bfloat16 weights."""
+
+_TEACHER_DTYPES: dict[str, torch.dtype] = {
+    "32": torch.float32,
+    "64": torch.float64,
+    "16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`teacher_device` must be a device such as 'cpu' or 'cuda:1', got {device!r}: {err}") from err
+
+
+def _first_tensor_device(inputs: Any) -> torch.device | None:
+    found: list[torch.device] = []
+    apply_to_collection(inputs, Tensor, lambda t: found.append(t.device))
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -138,11 +162,16 @@ class TeacherRunner:
         teacher: The teacher model. Its parameters are frozen (``requires_grad_(False)``) and it is put in eval mode.
         logits_layer: Optional dotted name of an inner layer whose output are the logits, for teachers that end in a
             softmax or return something else (the output of that layer is captured by a forward hook).
+        precision: The teacher's own precision (``"32"``, ``"64"``, ``"16"``, ``"bf16"``): its weights and floating
+            inputs are cast to it and it runs outside the Trainer's autocast. ``None`` follows the Trainer.
+        device: The teacher's own device (e.g. a big teacher kept on ``"cpu"`` or another GPU): inputs are moved to
+            it and the outputs back to the inputs' device. ``None`` follows the student.
 
     Raises:
         TypeError: If ``teacher`` is not an ``nn.Module`` or is wrapped in ``DataParallel`` /
             ``DistributedDataParallel``.
-        ValueError: If ``logits_layer`` names no layer of the teacher (the message lists the closest names).
+        ValueError: If ``logits_layer`` names no layer of the teacher (the message lists the closest names), or for an
+            unknown ``precision`` or ``device``.
 
     Example::
 
@@ -153,7 +182,13 @@ class TeacherRunner:
         (False, False)
     """
 
-    def __init__(self, teacher: nn.Module, logits_layer: str | None = None) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        logits_layer: str | None = None,
+        precision: TeacherPrecision | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"`teacher` must be a torch.nn.Module, got {type(teacher).__name__}.")
         if isinstance(teacher, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -161,8 +196,16 @@ class TeacherRunner:
                 f"`teacher` is wrapped in {type(teacher).__name__}; the teacher must stay unwrapped (it is frozen and "
                 "each process runs its own replica). HINT: pass `teacher.module`."
             )
+        if precision is not None and precision not in _TEACHER_DTYPES:
+            raise ValueError(
+                f"`teacher_precision` must be one of {list(_TEACHER_DTYPES)} or None (follow the Trainer), got "
+                f"{precision!r}."
+            )
         self.teacher = teacher
         self.logits_layer = logits_layer
+        self.precision = precision
+        self.dtype = None if precision is None else _TEACHER_DTYPES[precision]
+        self.device = None if device is None else _check_device(device)
         self._capture = FeatureCapture(role="teacher")
         self._logits_key: str | None = None
         self._feature_keys: list[str] = []
@@ -175,10 +218,16 @@ class TeacherRunner:
         self.teacher.eval()
 
     def place(self, device: torch.device, convert: Callable[[nn.Module], nn.Module] | None = None) -> None:
-        """Move the teacher to ``device`` and, when given, apply a dtype conversion (a ``*-true`` precision)."""
+        """Move the teacher to its own ``device`` (if set) or ``device``, and give it its precision.
+
+        With a runner ``precision`` the weights are cast to it; otherwise ``convert`` (the Trainer's conversion for
+        ``*-true`` precisions) is applied when given.
+        """
         self.remove_hooks()  # a conversion may return a new module: hooks are attached again on the next run
-        self.teacher.to(device)
-        if convert is not None:
+        self.teacher.to(self.device if self.device is not None else device)
+        if self.dtype is not None:
+            self.teacher.to(self.dtype)
+        elif convert is not None:
             self.teacher = convert(self.teacher)
         self.freeze()
 
@@ -223,10 +272,28 @@ class TeacherRunner:
         self.attach_hooks()
         if self.teacher.training:
             self.teacher.eval()
+        output_device = None
+        if self.device is not None or self.dtype is not None:
+            output_device = _first_tensor_device(inputs)
+            inputs = self._to_teacher(inputs)
+            if self.dtype is not None:
+                context = None  # its own precision: the Trainer's autocast would override it
         with self._capture.recording(), context if context is not None else contextlib.nullcontext():
             output = call_with_inputs(self.teacher, inputs)
         captured = self._capture.take()
         if self._logits_key is not None:
             output = captured[self._logits_key]
+        logits = extract_logits(output, role="teacher").detach()
         kept = {key: captured[key] for key in self._feature_keys} if features else {}
-        return TeacherOutputs(logits=extract_logits(output, role="teacher").detach(), features=kept)
+        if output_device is not None and logits.device != output_device:
+            logits = logits.to(output_device)
+            kept = {key: value.to(output_device) for key, value in kept.items()}
+        return TeacherOutputs(logits=logits, features=kept)
+
+    def _to_teacher(self, inputs: Any) -> Any:
+        """Move the inputs to the teacher's device and cast floating tensors to its precision."""
+        device = self.device if self.device is not None else next(self.teacher.parameters(), torch.empty(0)).device
+        inputs = move_data_to_device(inputs, device)
+        if self.dtype is None:
+            return inputs
+        return apply_to_collection(inputs, Tensor, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
