@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -9,6 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_distill import DistillationCallback, DistillModule, FeatureMap
 from tests.helpers.tiny import TinyTeacher, make_data, make_loader, make_trainer, tiny_student
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class RankChecks(L.Callback):
@@ -57,3 +64,23 @@ def test_ddp_spawn_two_processes_keeps_teacher_unwrapped_and_students_equal(tmp_
     )
     trainer.fit(module, make_loader(n=96, batch_size=8))
     assert trainer.state.finished
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_subprocess_two_ranks_teacher_outputs_match_a_local_teacher_on_each_shard(tmp_path):
+    out = tmp_path / "ranks"
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.ddp_script", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["world_size"] == 2 and report["ddp_module"] and not report["wrapped"]
+        assert report["batches"] == 3 and report["max_teacher_diff"] == 0.0  # exactly the local teacher's outputs
+        assert report["students_equal"]
