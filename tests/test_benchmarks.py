@@ -54,3 +54,11 @@ def test_self_distill_quick_runs_and_prints_the_tables(tmp_path: Path) -> None:
         assert batch in out
     assert "1.5x target" in out or "No threshold loses <= 1 pt" in out
     assert (tmp_path / "self_distill.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_quick_runs_and_prints_the_table() -> None:
+    out = run_quick("ddp.py")
+    assert "| processes (1 thread each) | median samples/s | ratio vs 1 process |" in out
+    assert "| 2 (`ddp`, gloo) |" in out and "the machine's ceiling" in out
