@@ -272,3 +272,16 @@ def test_projectors_rebuild_from_saved_weights():
         rebuilt = projector_from_state(state, "projectors.m.")
         assert type(rebuilt) is type(original)
         rebuilt.load_state_dict({k.removeprefix("projectors.m."): v for k, v in state.items()})
+
+
+def test_requests_after_the_hooks_are_attached_are_refused():
+    capture = FeatureCapture(role="student")
+    capture.add("0")
+    capture.attach(net := nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert capture.add("0") == "0"  # already requested: fine
+    with pytest.raises(RuntimeError, match="Request the student's features before its hooks are attached"):
+        capture.add("1")
+    with pytest.raises(RuntimeError, match="Request the student's features before its hooks are attached"):
+        capture.add_input("1")
+    capture.remove()
+    assert not net[0]._forward_hooks

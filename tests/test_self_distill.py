@@ -287,3 +287,46 @@ def test_without_a_deepest_feature_heads_are_built_once_and_hints_are_off():
     assert list(model.heads) == heads and model.hint_key is None
     terms = model.compute_loss(*model.exit_outputs(data(4)[0]), data(4)[1])
     assert "exit0/feature_loss" not in terms and terms["loss"].isfinite()
+
+
+def test_a_skip_connection_across_an_exit_is_explained():
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(40, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.a(x)
+            return self.head(self.b(h) + h)  # `h` from before the exit reaches past it
+
+    model = SelfDistillModule(Skip(), exits=["b"], num_classes=4, example_input=data(2)[0])
+    with torch.no_grad():
+        model.exit_heads[0].classifier.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))  # confident: everyone stops
+    assert model.predict_early_exit(data(6)[0], threshold=0.5)[1].tolist() == [0] * 6
+    with torch.no_grad():
+        model.exit_heads[0].classifier.weight.normal_(0, 30.0)  # confident for some samples only
+        model.exit_heads[0].classifier.bias.zero_()
+    with pytest.raises(RuntimeError, match="must depend on that exit's output alone"):
+        model.predict_early_exit(data(64)[0] * torch.linspace(0.1, 10, 64)[:, None], threshold=0.9)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: m.sweep_thresholds(loader(n=16), [0.5], repeats=0), ValueError, "`repeats` must be a positive int"),
+        (lambda m: m.sweep_thresholds(loader(n=16), []), ValueError, "at least one threshold"),
+        (lambda m: m.export_exit(-1), IndexError, r"Exit index must be in \[0, 2\] .*, got -1"),
+    ],
+)
+def test_bad_early_exit_arguments_are_explained(call, error, match):
+    with pytest.raises(error, match=match):
+        call(build())
+
+
+def test_exit_head_rejects_shapes_it_cannot_serve():
+    from lightning_distill.heads import ExitHead
+
+    with pytest.raises(ValueError, match=r"\(1-3 spatial dims\) or \(D,\) vectors: \(1, 2, 3, 4, 5\)"):
+        ExitHead((1, 2, 3, 4, 5), width=8, num_classes=4)
+    with pytest.raises(ValueError, match=r"A vector feature \(8,\) cannot give a hint shaped like the map \(16, 5\)"):
+        ExitHead((8,), width=16, num_classes=4, hint_shape=(16, 5))
