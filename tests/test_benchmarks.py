@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.processes import run_python
 
 
 def run_quick(script: str, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--quick", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return run_python(f"benchmarks/{script}", "--quick", *args)
 
 
 @pytest.mark.slow

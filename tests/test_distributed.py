@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,9 +10,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_distill import DistillationCallback, DistillModule, FeatureMap
+from tests.helpers.processes import run_python
 from tests.helpers.tiny import TinyTeacher, make_data, make_loader, make_trainer, tiny_student
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class RankChecks(L.Callback):
@@ -70,15 +66,7 @@ def test_ddp_spawn_two_processes_keeps_teacher_unwrapped_and_students_equal(tmp_
 @pytest.mark.slow
 def test_ddp_subprocess_two_ranks_teacher_outputs_match_a_local_teacher_on_each_shard(tmp_path):
     out = tmp_path / "ranks"
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.ddp_script", str(out)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python("-m", "tests.helpers.ddp_script", str(out), timeout=300)
     reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
         assert report["world_size"] == 2 and report["ddp_module"] and not report["wrapped"]

@@ -21,17 +21,7 @@ from lightning_distill.losses.functional import (
     kd_loss,
 )
 from tests.helpers.dkd_reference import dkd_reference, dkd_reference_terms
-
-
-def _inputs(
-    shape: tuple[int, ...], seed: int = 0, scale: float = 3.0, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    student = (torch.randn(shape, generator=gen) * scale).to(dtype)
-    teacher = (torch.randn(shape, generator=gen) * scale).to(dtype)
-    target = torch.randint(0, shape[-1], shape[:-1], generator=gen)
-    mask = torch.rand(shape[:-1], generator=gen) > 0.3
-    return student, teacher, target, mask
+from tests.helpers.tiny import random_logits
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -43,7 +33,7 @@ def _inputs(
 def test_matches_mdistiller_reference(
     num_classes: int, temperature: float, tckd_weight: float, nckd_weight: float
 ) -> None:
-    student, teacher, target, _ = _inputs((16, num_classes), seed=num_classes, dtype=torch.float64)
+    student, teacher, target, _ = random_logits((16, num_classes), seed=num_classes, dtype=torch.float64)
     tckd_ref, nckd_ref = dkd_reference_terms(student, teacher, target, temperature)
     expected = dkd_reference(student, teacher, target, tckd_weight, nckd_weight, temperature)
     weights: dict[str, Any] = {"tckd_weight": tckd_weight, "nckd_weight": nckd_weight}
@@ -62,7 +52,7 @@ def test_matches_mdistiller_reference(
 
 
 def test_float32_matches_reference() -> None:
-    student, teacher, target, _ = _inputs((32, 100), seed=1, scale=5.0)
+    student, teacher, target, _ = random_logits((32, 100), seed=1, scale=5.0)
     expected = dkd_reference(student.double(), teacher.double(), target, 1.0, 8.0, 4.0)
     value = dkd_loss(student, teacher, target, temperature=4.0)
     assert value.dtype == torch.float32
@@ -70,7 +60,7 @@ def test_float32_matches_reference() -> None:
 
 
 def test_two_classes_give_exactly_zero_nckd() -> None:
-    student, teacher, target, _ = _inputs((12, 2), seed=2, dtype=torch.float64)
+    student, teacher, target, _ = random_logits((12, 2), seed=2, dtype=torch.float64)
     terms = distillation_loss_terms(student, teacher, target, alpha=1.0, temperature=3.0, divergence="dkd")
     assert terms["nckd_loss"].item() == 0.0
     assert terms["tckd_loss"].item() > 0.0
@@ -81,7 +71,7 @@ def test_two_classes_give_exactly_zero_nckd() -> None:
 
 def test_kl_decomposes_into_tckd_and_coupled_nckd() -> None:
     # The paper's identity, row by row: KL(p_t || p_s) = TCKD + (1 - p_t[target]) * NCKD.
-    student, teacher, target, _ = _inputs((8, 7), seed=3, dtype=torch.float64)
+    student, teacher, target, _ = random_logits((8, 7), seed=3, dtype=torch.float64)
     temperature = 2.0
     p_target = F.softmax(teacher / temperature, dim=-1).gather(1, target[:, None]).squeeze(1)
     for i in range(8):
@@ -97,7 +87,7 @@ def test_kl_decomposes_into_tckd_and_coupled_nckd() -> None:
 # Token logits, masks, ignore_index
 # ---------------------------------------------------------------------------------------------------------------------
 def test_token_logits_with_mask_and_ignore_index_equal_reference_on_selected_rows() -> None:
-    student, teacher, target, mask = _inputs((3, 5, 11), seed=4)
+    student, teacher, target, mask = random_logits((3, 5, 11), seed=4)
     target.view(-1)[::4] = -1  # ignored positions, with a non-default ignore_index
     counted = mask & (target != -1)
     tckd_ref, nckd_ref = dkd_reference_terms(student[counted].double(), teacher[counted].double(), target[counted], 2.0)
@@ -126,7 +116,7 @@ def test_token_logits_with_mask_and_ignore_index_equal_reference_on_selected_row
 
 
 def test_uncounted_positions_do_not_matter() -> None:
-    student, teacher, target, mask = _inputs((3, 5, 11), seed=5)
+    student, teacher, target, mask = random_logits((3, 5, 11), seed=5)
     target[~mask] = -100
     target[0, 0], mask[0, 0] = -100, True  # counted by the mask, dropped by ignore_index
 
@@ -150,7 +140,7 @@ def test_uncounted_positions_do_not_matter() -> None:
 
 
 def test_no_counted_position_gives_connected_zero() -> None:
-    student, teacher, target, _ = _inputs((3, 4, 7), seed=6)
+    student, teacher, target, _ = random_logits((3, 4, 7), seed=6)
     student.requires_grad_(True)
     none = torch.zeros(3, 4, dtype=torch.bool)
     cases = [
@@ -171,7 +161,7 @@ def test_no_counted_position_gives_connected_zero() -> None:
 @pytest.mark.parametrize("num_classes", [2, 5])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_identical_logits_give_exactly_zero(num_classes: int, temperature: float) -> None:
-    logits, _, target, _ = _inputs((4, 6, num_classes), seed=7, scale=20.0)
+    logits, _, target, _ = random_logits((4, 6, num_classes), seed=7, scale=20.0)
     value = dkd_loss(logits, logits.clone(), target, temperature=temperature)
     assert value.item() == 0.0
     terms = distillation_loss_terms(logits, logits.clone(), target, alpha=1.0, divergence="dkd")
@@ -180,7 +170,7 @@ def test_identical_logits_give_exactly_zero(num_classes: int, temperature: float
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_large_logits_finite_and_non_negative(dtype: torch.dtype) -> None:
-    student, teacher, target, _ = _inputs((16, 50), seed=8, scale=500.0, dtype=dtype)
+    student, teacher, target, _ = random_logits((16, 50), seed=8, scale=500.0, dtype=dtype)
     student.requires_grad_(True)
     value = dkd_loss(student, teacher, target, temperature=1.0)
     assert value.dtype == torch.float32
@@ -193,7 +183,7 @@ def test_half_precision_large_logits_finite_and_non_negative(dtype: torch.dtype)
 
 
 def test_bf16_matches_float32_computation() -> None:
-    student, teacher, target, _ = _inputs((8, 20), seed=9, dtype=torch.bfloat16)
+    student, teacher, target, _ = random_logits((8, 20), seed=9, dtype=torch.bfloat16)
     torch.testing.assert_close(
         dkd_loss(student, teacher, target, temperature=4.0),
         dkd_loss(student.float(), teacher.float(), target, temperature=4.0),
@@ -201,7 +191,7 @@ def test_bf16_matches_float32_computation() -> None:
 
 
 def test_minus_inf_logits_give_no_nan() -> None:
-    student, teacher, target, _ = _inputs((6, 5), seed=10, dtype=torch.float64)
+    student, teacher, target, _ = random_logits((6, 5), seed=10, dtype=torch.float64)
     target[:] = torch.tensor([0, 1, 2, 4, 0, 1])
     teacher[:, 3] = -math.inf  # a masked, never-target class
     student.requires_grad_(True)
@@ -222,7 +212,7 @@ def test_minus_inf_logits_give_no_nan() -> None:
 
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_gradcheck_float64(num_classes: int) -> None:
-    student, teacher, target, mask = _inputs((2, 3, num_classes), seed=11, scale=1.5, dtype=torch.float64)
+    student, teacher, target, mask = random_logits((2, 3, num_classes), seed=11, scale=1.5, dtype=torch.float64)
     target[0, 0] = -100
     student.requires_grad_(True)
     teacher.requires_grad_(True)
@@ -238,7 +228,7 @@ def test_gradcheck_float64(num_classes: int) -> None:
 
 
 def test_gradients_finite_and_match_reference() -> None:
-    student, teacher, target, _ = _inputs((10, 9), seed=12, dtype=torch.float64)
+    student, teacher, target, _ = random_logits((10, 9), seed=12, dtype=torch.float64)
     ours = student.clone().requires_grad_(True)
     theirs = student.clone().requires_grad_(True)
     dkd_loss(ours, teacher, target, temperature=4.0).backward()
@@ -252,7 +242,7 @@ def test_gradients_finite_and_match_reference() -> None:
 # Composition, other divergences, module twins
 # ---------------------------------------------------------------------------------------------------------------------
 def test_distillation_loss_terms_returns_the_two_parts() -> None:
-    student, teacher, target, _ = _inputs((6, 5), seed=13)
+    student, teacher, target, _ = random_logits((6, 5), seed=13)
     terms = distillation_loss_terms(
         student, teacher, target, alpha=0.9, temperature=4.0, divergence="dkd", tckd_weight=2.0, nckd_weight=3.0
     )
@@ -269,7 +259,7 @@ def test_distillation_loss_terms_returns_the_two_parts() -> None:
 
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "soft_ce", "js", "mse"])
 def test_other_divergences_use_target_only_for_ignore_index(divergence: Divergence) -> None:
-    student, teacher, target, mask = _inputs((3, 4, 7), seed=14)
+    student, teacher, target, mask = random_logits((3, 4, 7), seed=14)
     target[0] = -100
     with_target = kd_loss(student, teacher, temperature=2.0, divergence=divergence, mask=mask, target=target)
     torch.testing.assert_close(
@@ -287,7 +277,7 @@ def test_other_divergences_use_target_only_for_ignore_index(divergence: Divergen
 
 
 def test_module_twins_equal_functions() -> None:
-    student, teacher, target, mask = _inputs((3, 4, 7), seed=15)
+    student, teacher, target, mask = random_logits((3, 4, 7), seed=15)
     kd_module = KDLoss(temperature=3.0, divergence="dkd", tckd_weight=0.5, nckd_weight=6.0)
     expected_kd = kd_loss(
         student, teacher, temperature=3.0, divergence="dkd", mask=mask, target=target, tckd_weight=0.5, nckd_weight=6.0
@@ -388,7 +378,7 @@ def test_single_class_is_an_error() -> None:
         kd_loss(logits, logits, divergence="dkd", target=target)
 
 
-def test_bad_target_and_inputs() -> None:
+def test_bad_target_andrandom_logits() -> None:
     logits = torch.zeros(8, 10)
     with pytest.raises(ValueError, match=r"class index 10, outside \[0, 10\).*HINT.*ignore_index"):
         dkd_loss(logits, logits, torch.full((8,), 10))

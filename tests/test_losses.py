@@ -26,6 +26,7 @@ from tests.helpers.reference import (
     ref_distillation_loss,
     ref_kd_loss,
 )
+from tests.helpers.tiny import random_logits
 
 DIVERGENCES: tuple[Divergence, ...] = ("kl", "reverse_kl", "soft_ce", "js", "mse")
 SHAPES = [(6, 5), (3, 4, 7)]
@@ -33,17 +34,6 @@ SHAPES = [(6, 5), (3, 4, 7)]
 
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().double().numpy()
-
-
-def _inputs(
-    shape: tuple[int, ...], seed: int = 0, scale: float = 3.0, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    student = (torch.randn(shape, generator=gen) * scale).to(dtype)
-    teacher = (torch.randn(shape, generator=gen) * scale).to(dtype)
-    target = torch.randint(0, shape[-1], shape[:-1], generator=gen)
-    mask = torch.rand(shape[:-1], generator=gen) > 0.3
-    return student, teacher, target, mask
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -91,7 +81,7 @@ def test_identical_logits_give_exactly_zero(divergence: Divergence, temperature:
 
 
 def test_soft_ce_is_kl_plus_teacher_entropy() -> None:
-    student, teacher, _, _ = _inputs((10, 7), dtype=torch.float64)
+    student, teacher, _, _ = random_logits((10, 7), dtype=torch.float64)
     temperature = 2.5
     p_t = F.softmax(teacher / temperature, dim=-1)
     entropy = -(p_t * p_t.log()).sum(-1).mean()
@@ -106,7 +96,7 @@ def test_soft_ce_is_kl_plus_teacher_entropy() -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_kd_loss_matches_reference(shape: tuple[int, ...], divergence: Divergence) -> None:
-    student, teacher, _, mask = _inputs(shape)
+    student, teacher, _, mask = random_logits(shape)
     for m in (None, mask):
         value = kd_loss(student, teacher, temperature=2.0, divergence=divergence, mask=m)
         expected = ref_kd_loss(_np(student), _np(teacher), 2.0, divergence, None if m is None else m.numpy())
@@ -117,7 +107,7 @@ def test_kd_loss_matches_reference(shape: tuple[int, ...], divergence: Divergenc
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_distillation_loss_terms_match_reference(shape: tuple[int, ...], divergence: Divergence) -> None:
-    student, teacher, target, mask = _inputs(shape, seed=1)
+    student, teacher, target, mask = random_logits(shape, seed=1)
     target.view(-1)[::3] = -1  # ignored positions, with a non-default ignore_index
     terms = distillation_loss_terms(
         student, teacher, target, alpha=0.7, temperature=3.0, divergence=divergence, mask=mask, ignore_index=-1
@@ -135,7 +125,7 @@ def test_distillation_loss_terms_match_reference(shape: tuple[int, ...], diverge
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cross_entropy_matches_reference_and_torch(shape: tuple[int, ...]) -> None:
-    student, _, target, mask = _inputs(shape, seed=2)
+    student, _, target, mask = random_logits(shape, seed=2)
     target.view(-1)[1::4] = -100
     value = cross_entropy(student, target, mask=mask)
     assert value.item() == pytest.approx(ref_cross_entropy(_np(student), target.numpy(), mask.numpy()), rel=1e-6)
@@ -144,7 +134,7 @@ def test_cross_entropy_matches_reference_and_torch(shape: tuple[int, ...]) -> No
 
 
 def test_ignore_index_removed_from_both_terms() -> None:
-    student, teacher, target, _ = _inputs((3, 4, 7), seed=3)
+    student, teacher, target, _ = random_logits((3, 4, 7), seed=3)
     target[0] = -100
     terms = distillation_loss_terms(student, teacher, target, alpha=0.5)
     torch.testing.assert_close(terms["kd_loss"], kd_loss(student[1:], teacher[1:]))
@@ -152,7 +142,7 @@ def test_ignore_index_removed_from_both_terms() -> None:
 
 
 def test_alpha_endpoints_and_unlabelled() -> None:
-    student, teacher, target, _ = _inputs((6, 5), seed=4)
+    student, teacher, target, _ = random_logits((6, 5), seed=4)
     kd = kd_loss(student, teacher, temperature=2.0)
     ce = cross_entropy(student, target)
     torch.testing.assert_close(distillation_loss(student, teacher, target, alpha=1.0, temperature=2.0), kd)
@@ -163,7 +153,7 @@ def test_alpha_endpoints_and_unlabelled() -> None:
 
 
 def test_token_logits_equal_flattened_rows() -> None:
-    student, teacher, target, mask = _inputs((3, 4, 7), seed=5)
+    student, teacher, target, mask = random_logits((3, 4, 7), seed=5)
     flat = distillation_loss_terms(
         student.reshape(12, 7), teacher.reshape(12, 7), target.reshape(12), mask=mask.reshape(12), temperature=2.0
     )
@@ -177,7 +167,7 @@ def test_token_logits_equal_flattened_rows() -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_masked_positions_do_not_count(divergence: Divergence) -> None:
-    student, teacher, target, mask = _inputs((3, 4, 7), seed=6)
+    student, teacher, target, mask = random_logits((3, 4, 7), seed=6)
     target[~mask] = -100  # a masked position may carry any label, even an ignored one
 
     def run(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +190,7 @@ def test_masked_positions_do_not_count(divergence: Divergence) -> None:
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_gradcheck_float64(divergence: Divergence) -> None:
-    student, teacher, target, mask = _inputs((2, 3, 5), seed=7, scale=1.5, dtype=torch.float64)
+    student, teacher, target, mask = random_logits((2, 3, 5), seed=7, scale=1.5, dtype=torch.float64)
     target[0, 0] = -100
     student.requires_grad_(True)
     teacher.requires_grad_(True)
@@ -219,7 +209,7 @@ def test_gradcheck_float64(divergence: Divergence) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_half_precision_large_logits_finite_and_non_negative(dtype: torch.dtype, divergence: Divergence) -> None:
-    student, teacher, target, _ = _inputs((16, 50), seed=8, scale=500.0, dtype=dtype)
+    student, teacher, target, _ = random_logits((16, 50), seed=8, scale=500.0, dtype=dtype)
     student.requires_grad_(True)
     value = distillation_loss(student, teacher, target, alpha=1.0, temperature=1.0, divergence=divergence)
     assert value.dtype == torch.float32
@@ -232,7 +222,7 @@ def test_half_precision_large_logits_finite_and_non_negative(dtype: torch.dtype,
 
 
 def test_upcast_matches_float32_computation() -> None:
-    student, teacher, _, _ = _inputs((8, 20), seed=9, dtype=torch.bfloat16)
+    student, teacher, _, _ = random_logits((8, 20), seed=9, dtype=torch.bfloat16)
     mixed = kd_loss(student, teacher.float(), temperature=2.0)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(kd_loss(student, teacher, temperature=2.0), mixed)
@@ -241,7 +231,7 @@ def test_upcast_matches_float32_computation() -> None:
 
 @pytest.mark.parametrize("divergence", ["kl", "soft_ce", "js"])
 def test_minus_inf_teacher_logits_give_no_nan(divergence: Divergence) -> None:
-    student, teacher, _, _ = _inputs((4, 6), seed=10)
+    student, teacher, _, _ = random_logits((4, 6), seed=10)
     teacher[:, 3] = -math.inf  # e.g. a masked vocabulary entry
     student.requires_grad_(True)
     value = kd_loss(student, teacher, temperature=2.0, divergence=divergence)
@@ -252,7 +242,7 @@ def test_minus_inf_teacher_logits_give_no_nan(divergence: Divergence) -> None:
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_no_counted_position_gives_connected_zero(divergence: Divergence) -> None:
-    student, teacher, target, _ = _inputs((3, 4, 7), seed=11)
+    student, teacher, target, _ = random_logits((3, 4, 7), seed=11)
     student.requires_grad_(True)
     none = torch.zeros(3, 4, dtype=torch.bool)
     cases = [
@@ -273,14 +263,14 @@ def test_no_counted_position_gives_connected_zero(divergence: Divergence) -> Non
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "soft_ce", "js"])
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 7.0])
 def test_temperature_squared_scaling(divergence: Divergence, temperature: float) -> None:
-    student, teacher, _, mask = _inputs((5, 9), seed=12, dtype=torch.float64)
+    student, teacher, _, mask = random_logits((5, 9), seed=12, dtype=torch.float64)
     scaled = kd_loss(student, teacher, temperature=temperature, divergence=divergence, mask=mask)
     unscaled = kd_loss(student / temperature, teacher / temperature, temperature=1.0, divergence=divergence, mask=mask)
     torch.testing.assert_close(scaled, temperature**2 * unscaled)
 
 
 def test_mse_ignores_temperature() -> None:
-    student, teacher, _, mask = _inputs((5, 9), seed=13)
+    student, teacher, _, mask = random_logits((5, 9), seed=13)
     at_one = kd_loss(student, teacher, divergence="mse", mask=mask)
     torch.testing.assert_close(kd_loss(student, teacher, temperature=9.0, divergence="mse", mask=mask), at_one)
     torch.testing.assert_close(at_one, F.mse_loss(student[mask], teacher[mask]))
@@ -290,7 +280,7 @@ def test_mse_ignores_temperature() -> None:
 # External losses: MNN and Intel Neural Compressor
 # ---------------------------------------------------------------------------------------------------------------------
 def test_mnn_distill_loss_is_reverse_kl_alpha_09_t20() -> None:
-    student, teacher, target, _ = _inputs((16, 10), seed=14, dtype=torch.float64)
+    student, teacher, target, _ = random_logits((16, 10), seed=14, dtype=torch.float64)
     one_hot = np.eye(10)[target.numpy()]
     expected = mnn_distill_loss_reference(_np(student), _np(teacher), one_hot, temperature=20.0, alpha=0.9)
     ours = distillation_loss(student, teacher, target, alpha=0.9, temperature=20.0, divergence="reverse_kl")
@@ -303,7 +293,7 @@ def test_mnn_distill_loss_is_reverse_kl_alpha_09_t20() -> None:
 
 @pytest.mark.parametrize(("alpha", "temperature"), [(0.5, 1.0), (0.9, 4.0), (0.25, 10.0)])
 def test_inc_ce_ce_is_soft_ce(alpha: float, temperature: float) -> None:
-    student, teacher, target, _ = _inputs((16, 10), seed=15, dtype=torch.float64)
+    student, teacher, target, _ = random_logits((16, 10), seed=15, dtype=torch.float64)
     expected = inc_kd_loss_reference(
         _np(student), _np(teacher), target.numpy(), temperature, loss_weights=(1 - alpha, alpha)
     )
@@ -312,7 +302,7 @@ def test_inc_ce_ce_is_soft_ce(alpha: float, temperature: float) -> None:
 
 
 def test_inc_kl_is_kl_divided_by_num_classes() -> None:
-    student, teacher, target, _ = _inputs((16, 10), seed=16, dtype=torch.float64)
+    student, teacher, target, _ = random_logits((16, 10), seed=16, dtype=torch.float64)
     alpha, temperature = 0.7, 3.0
     expected = inc_kd_loss_reference(
         _np(student), _np(teacher), target.numpy(), temperature, (1 - alpha, alpha), ("CE", "KL")
@@ -327,7 +317,7 @@ def test_inc_kl_is_kl_divided_by_num_classes() -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_module_twins_equal_functions(divergence: Divergence) -> None:
-    student, teacher, target, mask = _inputs((3, 4, 7), seed=17)
+    student, teacher, target, mask = random_logits((3, 4, 7), seed=17)
     kd_module = KDLoss(temperature=3.0, divergence=divergence)
     assert torch.equal(
         kd_module(student, teacher, mask), kd_loss(student, teacher, temperature=3.0, divergence=divergence, mask=mask)

@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_distill import DistillationCallback, DistillModule
-from tests.helpers.tiny import TinyTeacher, make_loader, tiny_student
+from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, tiny_student
 
 
 class Checks(L.Callback):
@@ -49,17 +49,12 @@ def main(out: Path) -> None:
     teacher = TinyTeacher()
     reference = copy.deepcopy(teacher).eval()
     teacher_callback = DistillationCallback(teacher)
-    trainer = L.Trainer(
+    trainer = make_trainer(
+        out,
         strategy="ddp",
-        accelerator="cpu",
         devices=2,
-        max_epochs=1,
         limit_train_batches=3,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[teacher_callback, Checks(teacher_callback, reference, out)],
     )
     trainer.fit(DistillModule(student=tiny_student(), alpha=0.5, temperature=2.0), make_loader(n=96, batch_size=8))

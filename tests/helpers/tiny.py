@@ -90,3 +90,15 @@ def make_trainer(tmp_path: Any, **kwargs: Any) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def random_logits(
+    shape: tuple[int, ...], seed: int = 0, scale: float = 3.0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Student and teacher logits of ``shape``, class targets and a bool mask (about 70 % True) over the positions."""
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(shape, generator=gen) * scale).to(dtype)
+    teacher = (torch.randn(shape, generator=gen) * scale).to(dtype)
+    target = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    mask = torch.rand(shape[:-1], generator=gen) > 0.3
+    return student, teacher, target, mask
