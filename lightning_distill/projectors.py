@@ -18,10 +18,12 @@ order does not change the result.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_distill.losses.functional._common import check_choice
 
 ProjectorName = Literal["auto", "identity", "linear", "conv1x1"]
 """How a student feature is mapped to the teacher feature's shape."""
@@ -70,9 +72,7 @@ def check_projector(projector: object) -> ProjectorName:
     Raises:
         ValueError: If ``projector`` is not one of ``"auto"``, ``"identity"``, ``"linear"``, ``"conv1x1"``.
     """
-    if not isinstance(projector, str) or projector not in _PROJECTORS:
-        raise ValueError(f"`projector` must be one of {list(_PROJECTORS)}, got {projector!r}.")
-    return projector  # type: ignore[return-value]
+    return cast(ProjectorName, check_choice("projector", projector, _PROJECTORS))
 
 
 def _is_channel_first(shape: tuple[int, ...]) -> bool:

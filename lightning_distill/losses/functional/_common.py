@@ -101,10 +101,21 @@ def check_divergence(divergence: str) -> Divergence:
         >>> check_divergence("js")
         'js'
     """
-    if not isinstance(divergence, str) or divergence not in _DIVERGENCES:
-        allowed = ", ".join(repr(name) for name in _DIVERGENCES)
-        raise ValueError(f"`divergence` must be one of {allowed} ('dkd' needs class targets), got {divergence!r}.")
-    return cast(Divergence, divergence)
+    return cast(Divergence, check_choice("divergence", divergence, _DIVERGENCES, " ('dkd' needs class targets)"))
+
+
+def check_choice(what: str, value: object, options: tuple[str, ...], note: str = "") -> str:
+    """Return ``value`` if it is one of the string ``options``, else raise naming ``what``, the options and ``value``.
+
+    Example::
+
+        >>> check_choice("loss", "mse", ("mse", "l1"))
+        'mse'
+    """
+    if not isinstance(value, str) or value not in options:
+        allowed = ", ".join(repr(option) for option in options)
+        raise ValueError(f"`{what}` must be one of {allowed}{note}, got {value!r}.")
+    return value
 
 
 def _check_ignore_index(ignore_index: int) -> int:

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_distill.losses.functional._common import _compute_dtype, _is_real_number, _kl_sum, _log_probs
+from lightning_distill.losses.functional._common import (
+    _compute_dtype,
+    _is_real_number,
+    _kl_sum,
+    _log_probs,
+    check_choice,
+)
 
 __all__ = [
     "FeatureLossName",
@@ -58,10 +64,7 @@ def check_feature_loss(name: str) -> FeatureLossName:
         >>> check_feature_loss("cosine")
         'cosine'
     """
-    if not isinstance(name, str) or name not in _FEATURE_LOSSES:
-        allowed = ", ".join(repr(option) for option in _FEATURE_LOSSES)
-        raise ValueError(f"`loss` must be one of {allowed}, got {name!r}.")
-    return cast(FeatureLossName, name)
+    return cast(FeatureLossName, check_choice("loss", name, _FEATURE_LOSSES))
 
 
 def _check_power(p: float) -> float:
