@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
@@ -28,7 +27,7 @@ from lightning_distill.losses.functional import (
     kd_loss,
 )
 from lightning_distill.losses.functional._common import _check_ignore_index
-from lightning_distill.outputs import call_with_inputs, extract_logits, split_batch
+from lightning_distill.outputs import call_with_inputs, extract_logits
 from lightning_distill.projectors import (
     build_projector,
     match_spatial,
@@ -39,16 +38,14 @@ from lightning_distill.projectors import (
 from lightning_distill.schedules import Schedule, checked_schedule
 from lightning_distill.teacher import TeacherOutputs
 from lightning_distill.training import (
+    FactoryModule,
     LRSchedulerFactory,
     OptimizerFactory,
-    build_optimizers,
-    check_factories,
     check_optimized,
-    log_rate,
 )
 
 
-class DistillModule(L.LightningModule):
+class DistillModule(FactoryModule):
     r"""A LightningModule that trains a student from its labels, a teacher's logits and, optionally, its features.
 
     The loss of a training step is
@@ -114,10 +111,9 @@ class DistillModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler)
         if student is not None and not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
-        check_factories(optimizer, lr_scheduler)
         self.student = student
         self._divergence = check_divergence(divergence)
         self._ignore_index = _check_ignore_index(ignore_index)
@@ -136,8 +132,6 @@ class DistillModule(L.LightningModule):
         }
         self.schedules.update({f"weight/{m.name}": m.weight_schedule for m in self.feature_maps})
         self._scheduled = [name for name, schedule in self.schedules.items() if not schedule.is_constant]
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
         self._teacher_outputs: TeacherOutputs | None = None
         # One projector per feature map, keyed by `FeatureMap.key`; built before the optimizer (`build_projectors`).
         self.projectors = nn.ModuleDict(
@@ -151,8 +145,6 @@ class DistillModule(L.LightningModule):
         self._student_capture = FeatureCapture(role="student")
         for fmap in self.feature_maps:
             self._student_capture.add(fmap.student, fmap.student_select)
-        # One MeanMetric per (stage, dataloader, rate), created on first use: see `_log_rate`.
-        self.eval_metrics = nn.ModuleDict()
         if type(self) is DistillModule:
             self._save_plain_hyperparameters()
 
@@ -226,18 +218,6 @@ class DistillModule(L.LightningModule):
                 f"{type(self).__name__} has no `student`: pass `student=` to DistillModule or override `forward`."
             )
         return self.student(*args, **kwargs)
-
-    def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
-        """Split a batch into ``(inputs, target)``; see :func:`~lightning_distill.outputs.split_batch`.
-
-        Override it for any batch structure the default does not handle.
-
-        Example::
-
-            >>> DistillModule().split_batch({"input_ids": 1, "labels": 2})
-            ({'input_ids': 1}, 2)
-        """
-        return split_batch(batch)
 
     def student_logits(self, inputs: Any) -> Tensor:
         """Run ``forward`` on the inputs part of a batch and return the logits."""
@@ -469,19 +449,12 @@ class DistillModule(L.LightningModule):
         return terms["loss"]
 
     @override
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("val", batch, dataloader_idx)
-
-    @override
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch, dataloader_idx)
-
-    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Return the student's logits for the inputs part of the batch."""
         inputs, _ = self.split_batch(batch)
         return self.student_logits(inputs)
 
+    @override
     def _evaluate(self, stage: str, batch: Any, dataloader_idx: int) -> None:
         """Log ``{stage}/loss`` and ``{stage}/acc``; with teacher outputs also teacher accuracy, agreement, KD loss."""
         inputs, target = self.split_batch(batch)
@@ -515,19 +488,6 @@ class DistillModule(L.LightningModule):
             nckd_weight=values["nckd_weight"],
         )
         self.log(f"{stage}/kd_loss", divergence, batch_size=batch_size, sync_dist=True)
-
-    def _log_rate(
-        self, stage: str, dataloader_idx: int, name: str, hits: Tensor, counted: Tensor, prog_bar: bool = False
-    ) -> None:
-        """Log the exact rate of hits among counted positions as ``{stage}/{name}`` (see :func:`log_rate`)."""
-        metric_name = f"{stage}_{dataloader_idx}_{name}"
-        log_rate(self, self.eval_metrics, "eval_metrics", metric_name, f"{stage}/{name}", hits, counted, prog_bar)
-
-    # ---------------------------------------------------------------------------------------------------- optimizer
-    @override
-    def configure_optimizers(self) -> Any:
-        """Build the optimizer from ``optimizer`` (default Adam, lr 1e-3) and the optional ``lr_scheduler``."""
-        return build_optimizers(self, self.optimizer_factory, self.lr_scheduler_factory)
 
     # ------------------------------------------------------------------------------------------------------- export
     def export_student(self) -> nn.Module:

@@ -31,20 +31,18 @@ from lightning_distill.losses.functional import (
     mse_feature_loss,
 )
 from lightning_distill.losses.functional._common import _check_ignore_index
-from lightning_distill.outputs import call_with_inputs, example_inputs, extract_logits, split_batch
+from lightning_distill.outputs import call_with_inputs, example_inputs, extract_logits
 from lightning_distill.training import (
+    FactoryModule,
     LRSchedulerFactory,
     OptimizerFactory,
-    build_optimizers,
-    check_factories,
     check_optimized,
-    log_rate,
 )
 
 _CHECKPOINT_KEY = "self_distill"
 
 
-class SelfDistillModule(L.LightningModule):
+class SelfDistillModule(FactoryModule):
     r"""Train a backbone together with auxiliary exits that learn from its deepest output.
 
     For shallow exit :math:`i` (logits :math:`z_i`, hint :math:`h_i`) and the backbone's own output :math:`z_K`
@@ -117,10 +115,9 @@ class SelfDistillModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"`backbone` must be a torch.nn.Module, got {type(backbone).__name__}.")
-        check_factories(optimizer, lr_scheduler)
         if isinstance(exits, str) or not exits or len(set(exits)) != len(exits):
             raise ValueError(f"`exits` must be a non-empty list of distinct layer names, got {exits!r}.")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -142,15 +139,12 @@ class SelfDistillModule(L.LightningModule):
         self.exit_weights = [check_weight(f"exit_weights[{i}]", w) for i, w in enumerate(weights)]
         self.ignore_index = _check_ignore_index(ignore_index)
         self.feature_layer = feature_layer
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
         for name in (*self.exits, *([feature_layer] if feature_layer is not None else [])):
             find_layer(backbone, name, role="backbone")
         self.heads = nn.ModuleList()
         self.hint_key: str | None = None  # key of the deepest feature in the capture, set when the heads are built
         self._capture: FeatureCapture | None = None
         self._exit_layers: tuple[nn.Module, dict[str, nn.Module]] | None = None
-        self.eval_metrics = nn.ModuleDict()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "example_input"])
@@ -331,10 +325,6 @@ class SelfDistillModule(L.LightningModule):
         """Run the backbone: its output is the deepest exit's."""
         return self.backbone(*args, **kwargs)
 
-    def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
-        """Split a batch into ``(inputs, target)``; see :func:`~lightning_distill.outputs.split_batch`."""
-        return split_batch(batch)
-
     def exit_outputs(self, inputs: Any) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Run the backbone once and every head on its exit's feature.
 
@@ -401,18 +391,11 @@ class SelfDistillModule(L.LightningModule):
         return terms["loss"]
 
     @override
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("val", batch, dataloader_idx)
-
-    @override
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch, dataloader_idx)
-
-    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Return the backbone's (deepest exit's) logits."""
         return extract_logits(call_with_inputs(self.backbone, self.split_batch(batch)[0]), role="backbone")
 
+    @override
     def _evaluate(self, stage: str, batch: Any, dataloader_idx: int) -> None:
         """Log ``{stage}/loss`` and ``{stage}/acc`` (the backbone), ``{stage}/acc_exit<i>`` and the ensemble."""
         inputs, target = self.split_batch(batch)
@@ -426,8 +409,7 @@ class SelfDistillModule(L.LightningModule):
         rates = {f"acc_exit{i}": z.argmax(-1) == target for i, z in enumerate(logits)}
         rates.update(acc=logits[-1].argmax(-1) == target, acc_ensemble=ensemble.argmax(-1) == target)
         for name, hits in rates.items():
-            metric = f"{stage}_{dataloader_idx}_{name}"
-            log_rate(self, self.eval_metrics, "eval_metrics", metric, f"{stage}/{name}", hits, counted, name == "acc")
+            self._log_rate(stage, dataloader_idx, name, hits, counted, prog_bar=name == "acc")
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     @override
@@ -461,11 +443,6 @@ class SelfDistillModule(L.LightningModule):
             "build the optimizer from `self.parameters()` (it includes `self.heads`); under LightningCLI give it as "
             "the model's `optimizer:` argument.",
         )
-
-    @override
-    def configure_optimizers(self) -> Any:
-        """Build the optimizer (default Adam, lr 1e-3) over backbone and heads, and the optional scheduler."""
-        return build_optimizers(self, self.optimizer_factory, self.lr_scheduler_factory)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Plumbing shared by the LightningModules of this package: optimizer factories and exact evaluation rates."""
+"""Plumbing shared by the LightningModules of this package: a common base, optimizer factories, exact rates."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_distill.outputs import split_batch
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 LRSchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -96,3 +99,62 @@ def check_optimized(module: L.LightningModule, parameters: Iterable[tuple[str, n
     missing = [name for name, p in parameters if p.requires_grad and id(p) not in optimized]
     if missing:
         raise RuntimeError(f"The parameters {missing} are in no optimizer, so they would never train. HINT: {hint}")
+
+
+class FactoryModule(L.LightningModule):
+    """Base of :class:`~lightning_distill.DistillModule` and :class:`~lightning_distill.SelfDistillModule`.
+
+    It holds what both share: batch splitting, the optimizer and scheduler built from factories over every trainable
+    parameter, validation and test routed to one ``_evaluate(stage, batch, dataloader_idx)`` that subclasses define,
+    and exact per-epoch rates in ``eval_metrics``.
+
+    Args:
+        optimizer: Factory building the optimizer from the parameters (default Adam, lr 1e-3).
+        lr_scheduler: Optional factory building a scheduler (stepped every epoch) from the optimizer.
+
+    Raises:
+        TypeError: For an optimizer or scheduler that is an instance rather than a factory.
+    """
+
+    def __init__(self, optimizer: OptimizerFactory | None, lr_scheduler: LRSchedulerFactory | None) -> None:
+        super().__init__()
+        check_factories(optimizer, lr_scheduler)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        # One MeanMetric per (stage, dataloader, rate), created on first use: see `_log_rate`.
+        self.eval_metrics = nn.ModuleDict()
+
+    def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """Split a batch into ``(inputs, target)``; see :func:`~lightning_distill.outputs.split_batch`.
+
+        Override it for any batch structure the default does not handle.
+
+        Example::
+
+            >>> FactoryModule(None, None).split_batch({"input_ids": 1, "labels": 2})
+            ({'input_ids': 1}, 2)
+        """
+        return split_batch(batch)
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, dataloader_idx)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
+
+    def _evaluate(self, stage: str, batch: Any, dataloader_idx: int) -> None:
+        """Log the metrics of one validation or test batch; subclasses define what they are."""
+
+    def _log_rate(
+        self, stage: str, dataloader_idx: int, name: str, hits: Tensor, counted: Tensor, prog_bar: bool = False
+    ) -> None:
+        """Log the exact rate of hits among counted positions as ``{stage}/{name}`` (see :func:`log_rate`)."""
+        metric_name = f"{stage}_{dataloader_idx}_{name}"
+        log_rate(self, self.eval_metrics, "eval_metrics", metric_name, f"{stage}/{name}", hits, counted, prog_bar)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        """Build the optimizer from ``optimizer`` (default Adam, lr 1e-3) and the optional ``lr_scheduler``."""
+        return build_optimizers(self, self.optimizer_factory, self.lr_scheduler_factory)
