@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_distill.module import DistillModule
 from lightning_distill.outputs import example_inputs
+from lightning_distill.strategies import (
+    TeacherSharding,
+    check_sharding_option,
+    module_bytes,
+    resolve_sharding,
+    shard_teacher,
+    strategy_kind,
+)
 from lightning_distill.teacher import TeacherPrecision, TeacherRunner, load_teacher_checkpoint, teacher_fingerprint
-
-_SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 
 
 class DistillationCallback(L.Callback):
@@ -45,17 +51,26 @@ class DistillationCallback(L.Callback):
             ``val/teacher_acc``, ``val/agreement`` and ``val/kd_loss`` (``test/...`` likewise).
         check_finite: Check the teacher's logits for NaN/inf on every training batch (one device synchronisation per
             step) and raise naming the step. The first batch is always checked.
-        allow_untested: Run under a strategy other than single-device and DDP, whose teacher handling is untested.
+        allow_untested: Run under a strategy other than single device, the DDP family, FSDP, ``ModelParallelStrategy``
+            and DeepSpeed, whose teacher handling is untested (the teacher is then replicated per process).
         teacher_precision: Give the teacher its own precision (``"32"``, ``"64"``, ``"16"``, ``"bf16"``), e.g. a
             ``"bf16"`` teacher for a float32 student: its weights and floating inputs are cast to it and it runs
             outside the Trainer's autocast. ``None`` (default) follows the Trainer's precision.
         teacher_device: Keep the teacher on its own device (``"cpu"``, ``"cuda:1"``): the batch's inputs are moved to
             it and its outputs back to the student's device. ``None`` (default): the student's device.
+        teacher_sharding: Under ``FSDPStrategy`` / ``ModelParallelStrategy``: ``"shard"`` the teacher across all
+            processes with FSDP2 (no optimizer, no gradients, each unit's weights gathered for its forward and freed
+            after), ``"replicate"`` it (a full copy per process), or ``"auto"`` (default): shard when its weights take
+            at least 1 GiB. Under other strategies ``"auto"`` replicates and ``"shard"`` is refused.
+        teacher_shard_units: Module classes of the teacher to shard as separate FSDP units (e.g. its transformer block
+            class), so its forward never holds more than one unit's full weights; by default the whole teacher is one
+            unit.
 
     Raises:
         TypeError: For a teacher that is not an ``nn.Module`` or is ``DataParallel``-wrapped, a flag that is not a
             bool, or a ``teacher_checkpoint`` that is not a path.
-        ValueError: For a ``logits_layer`` that does not exist or a checkpoint that does not match.
+        ValueError: For a ``logits_layer`` that does not exist, a checkpoint that does not match, an unknown
+            ``teacher_sharding``, or ``teacher_sharding="shard"`` together with a ``teacher_device``.
         FileNotFoundError: For a ``teacher_checkpoint`` that does not exist.
 
     Example::
@@ -77,6 +92,8 @@ class DistillationCallback(L.Callback):
         allow_untested: bool = False,
         teacher_precision: TeacherPrecision | None = None,
         teacher_device: str | torch.device | None = None,
+        teacher_sharding: TeacherSharding = "auto",
+        teacher_shard_units: Sequence[type[nn.Module]] = (),
     ) -> None:
         for name, flag in (
             ("run_on_validation", run_on_validation),
@@ -89,7 +106,15 @@ class DistillationCallback(L.Callback):
             raise TypeError(
                 f"`teacher_checkpoint` must be a path (str or Path), got {type(teacher_checkpoint).__name__}."
             )
+        self.teacher_sharding = check_sharding_option(teacher_sharding)
+        self.teacher_shard_units = _check_units(teacher_shard_units)
+        if teacher_sharding == "shard" and teacher_device is not None:
+            raise ValueError(
+                f"`teacher_sharding='shard'` spreads the teacher over every process's device, so it cannot also stay "
+                f"on `teacher_device={str(teacher_device)!r}`. HINT: drop one of the two options."
+            )
         self._runner = TeacherRunner(teacher, logits_layer, precision=teacher_precision, device=teacher_device)
+        self.teacher_sharded = False
         if teacher_checkpoint is not None:
             load_teacher_checkpoint(teacher, teacher_checkpoint)
         self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
@@ -108,6 +133,11 @@ class DistillationCallback(L.Callback):
         return self._runner.teacher
 
     @property
+    def teacher_bytes(self) -> int:
+        """Bytes of the teacher's weights and buffers held by this process (its shard when sharded)."""
+        return module_bytes(self.teacher)
+
+    @property
     def state_key(self) -> str:
         """Key of this callback's state in a checkpoint (one entry per teacher architecture)."""
         return self._state_key
@@ -120,11 +150,13 @@ class DistillationCallback(L.Callback):
                 "`lightning_distill.DistillModule`, or wrap your network: `DistillModule(student=net, ...)`."
             )
         strategy = trainer.strategy
-        if not isinstance(strategy, _SUPPORTED_STRATEGIES) and not self.allow_untested:
+        kind = strategy_kind(strategy)
+        if kind == "untested" and not self.allow_untested:
             raise RuntimeError(
                 f"DistillationCallback does not support the strategy {type(strategy).__name__} yet: the teacher's "
-                "placement under it is untested. Supported: single device, ddp, ddp_spawn, ddp_fork/ddp_notebook. "
-                "HINT: pass `allow_untested=True` to try anyway."
+                "placement under it is untested. Supported: single device, ddp, ddp_spawn, ddp_fork/ddp_notebook, "
+                "fsdp, ModelParallelStrategy (FSDP2), deepspeed. HINT: pass `allow_untested=True` to try anyway "
+                "(the teacher is then replicated on every process)."
             )
         student_params = {id(p) for p in pl_module.parameters()}
         shared = [n for n, p in self.teacher.named_parameters() if id(p) in student_params]
@@ -135,6 +167,11 @@ class DistillationCallback(L.Callback):
             )
         _check_available(self._runner.device)
         self._runner.place(strategy.root_device, trainer.precision_plugin.convert_module)
+        self.teacher_sharded = self._runner.device is None and resolve_sharding(
+            self.teacher_sharding, kind, type(strategy).__name__, module_bytes(self.teacher)
+        )
+        if self.teacher_sharded:
+            shard_teacher(self.teacher, strategy.root_device, self.teacher_shard_units)
         self._runner.set_features((m.teacher, m.teacher_select) for m in pl_module.feature_maps)
         self._first_batch_checked = False
         if stage != "fit":
@@ -231,6 +268,7 @@ class DistillationCallback(L.Callback):
             "logits_layer": self._runner.logits_layer,
             "teacher_precision": self._runner.precision,
             "teacher_device": None if self._runner.device is None else str(self._runner.device),
+            "teacher_sharded": self.teacher_sharded,
         }
 
     @override
@@ -242,6 +280,15 @@ def _as_distill_module(pl_module: L.LightningModule) -> DistillModule:
     if not isinstance(pl_module, DistillModule):  # setup() has refused this already; keeps type checkers honest
         raise TypeError(f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__}.")
     return pl_module
+
+
+def _check_units(units: Sequence[type[nn.Module]]) -> tuple[type[nn.Module], ...]:
+    if isinstance(units, (str, type)) or not all(isinstance(u, type) and issubclass(u, nn.Module) for u in units):
+        raise TypeError(
+            f"`teacher_shard_units` must be a sequence of nn.Module classes, got {units!r}. HINT: pass the teacher's "
+            "block class, e.g. `teacher_shard_units=[MyTransformerBlock]`."
+        )
+    return tuple(units)
 
 
 def _check_available(device: torch.device | None) -> None:

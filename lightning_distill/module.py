@@ -36,6 +36,7 @@ from lightning_distill.projectors import (
     resolve_projector,
 )
 from lightning_distill.schedules import Schedule, checked_schedule
+from lightning_distill.strategies import strategy_kind, unsharded_projectors
 from lightning_distill.teacher import TeacherOutputs
 from lightning_distill.training import (
     FactoryModule,
@@ -80,6 +81,9 @@ class DistillModule(FactoryModule):
         optimizer: Builds the optimizer from the parameters, e.g. ``functools.partial(torch.optim.Adam, lr=1e-2)``.
             Default: Adam with learning rate 1e-3. Ignored when a subclass overrides ``configure_optimizers``.
         lr_scheduler: Optional; builds a scheduler (stepped every epoch) from the optimizer.
+        sync_dist: Average each training term across processes before logging it (one all-reduce per term and
+            step). Off by default: per-step training logs show process 0's batch; validation and test metrics are
+            always synchronized.
 
     Raises:
         ValueError: For ``alpha`` outside ``[0, 1]``, a non-positive ``temperature``, a negative weight, an unknown
@@ -110,8 +114,9 @@ class DistillModule(FactoryModule):
         nckd_weight: float | Schedule = 8.0,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
+        sync_dist: bool = False,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, sync_dist)
         if student is not None and not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
         self.student = student
@@ -410,8 +415,20 @@ class DistillModule(FactoryModule):
 
     @override
     def on_fit_start(self) -> None:
-        """Check that every trainable projector parameter is in an optimizer (else it would silently never train)."""
+        """Check that every trainable projector parameter is in an optimizer (else it would silently never train).
+
+        Under ``ModelParallelStrategy`` also check that ``configure_model`` sharded the projectors: nothing else
+        synchronizes their gradients across processes.
+        """
         if self.projectors and self._trainer is not None:
+            unsharded = unsharded_projectors(self)
+            if unsharded and strategy_kind(self.trainer.strategy) == "model_parallel":
+                raise RuntimeError(
+                    f"The projector parameters {unsharded} are not sharded under ModelParallelStrategy, so their "
+                    "gradients would never be synchronized across processes. HINT: in `configure_model`, after "
+                    "sharding the student, call `fully_shard(self, mesh=self.device_mesh['data_parallel'])` (or "
+                    "`fully_shard(self.projectors, ...)`)."
+                )
             check_optimized(
                 self,
                 ((f"projectors.{name}", p) for name, p in self.projectors.named_parameters()),
@@ -441,11 +458,10 @@ class DistillModule(FactoryModule):
         else:
             logits = self.student_logits(inputs)
         terms = self.compute_loss(logits, self._teacher_outputs, target, student_features=features)
-        logged: dict[str, Tensor | float] = {f"train/{name}": value.detach() for name, value in terms.items()}
-        if self._scheduled:
+        self.log_train_terms(terms, batch_size=logits.shape[0])
+        if self._scheduled:  # the same on every process: never synchronized
             values = self.hparam_values()
-            logged.update({f"train/{name}": values[name] for name in self._scheduled})
-        self.log_dict(logged, batch_size=logits.shape[0], prog_bar=False)
+            self.log_dict({f"train/{name}": values[name] for name in self._scheduled}, batch_size=logits.shape[0])
         return terms["loss"]
 
     @override

@@ -79,6 +79,9 @@ class SelfDistillModule(FactoryModule):
         ignore_index: Target value left out of every term and metric.
         optimizer: Factory building the optimizer from the parameters (default Adam, lr 1e-3).
         lr_scheduler: Optional factory building a scheduler (stepped every epoch) from the optimizer.
+        sync_dist: Average each training term across processes before logging it (one all-reduce per term and
+            step). Off by default: per-step training logs show process 0's batch; validation and test metrics are
+            always synchronized.
 
     Raises:
         TypeError: For a backbone that is not an ``nn.Module`` or a non-factory optimizer / scheduler.
@@ -114,8 +117,9 @@ class SelfDistillModule(FactoryModule):
         ignore_index: int = -100,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
+        sync_dist: bool = False,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, sync_dist)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"`backbone` must be a torch.nn.Module, got {type(backbone).__name__}.")
         if isinstance(exits, str) or not exits or len(set(exits)) != len(exits):
@@ -387,7 +391,7 @@ class SelfDistillModule(FactoryModule):
             raise ValueError("Self-distillation needs labels: every exit learns from them, but the batch has none.")
         logits, hints, feature = self.exit_outputs(inputs)
         terms = self.compute_loss(logits, hints, feature, target)
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=logits[-1].shape[0])
+        self.log_train_terms(terms, batch_size=logits[-1].shape[0])
         return terms["loss"]
 
     @override

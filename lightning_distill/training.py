@@ -111,14 +111,23 @@ class FactoryModule(L.LightningModule):
     Args:
         optimizer: Factory building the optimizer from the parameters (default Adam, lr 1e-3).
         lr_scheduler: Optional factory building a scheduler (stepped every epoch) from the optimizer.
+        sync_dist: Average each training term across processes before logging it (one all-reduce per term and
+            step). Off by default: per-step training logs show process 0's batch; validation and test metrics are
+            always synchronized.
 
     Raises:
-        TypeError: For an optimizer or scheduler that is an instance rather than a factory.
+        TypeError: For an optimizer or scheduler that is an instance rather than a factory, or a ``sync_dist`` that is
+            not a bool.
     """
 
-    def __init__(self, optimizer: OptimizerFactory | None, lr_scheduler: LRSchedulerFactory | None) -> None:
+    def __init__(
+        self, optimizer: OptimizerFactory | None, lr_scheduler: LRSchedulerFactory | None, sync_dist: bool = False
+    ) -> None:
         super().__init__()
         check_factories(optimizer, lr_scheduler)
+        if not isinstance(sync_dist, bool):
+            raise TypeError(f"`sync_dist` must be True or False, got {sync_dist!r}.")
+        self.sync_dist = sync_dist
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         # One MeanMetric per (stage, dataloader, rate), created on first use: see `_log_rate`.
@@ -146,6 +155,11 @@ class FactoryModule(L.LightningModule):
 
     def _evaluate(self, stage: str, batch: Any, dataloader_idx: int) -> None:
         """Log the metrics of one validation or test batch; subclasses define what they are."""
+
+    def log_train_terms(self, terms: dict[str, Tensor], batch_size: int) -> None:
+        """Log each loss term as ``train/<name>`` for this step, averaged over processes when ``sync_dist``."""
+        logged = {f"train/{name}": value.detach() for name, value in terms.items()}
+        self.log_dict(logged, batch_size=batch_size, sync_dist=self.sync_dist)
 
     def _log_rate(
         self, stage: str, dataloader_idx: int, name: str, hits: Tensor, counted: Tensor, prog_bar: bool = False

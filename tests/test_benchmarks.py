@@ -51,3 +51,13 @@ def test_ddp_quick_runs_and_prints_the_table() -> None:
     out = run_quick("ddp.py")
     assert "| processes (1 thread each) | median samples/s | ratio vs 1 process |" in out
     assert "| 2 (`ddp`, gloo) |" in out and "the machine's ceiling" in out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sharding_quick_runs_and_reports_half_the_teacher_per_rank() -> None:
+    out = run_quick("sharding.py")
+    assert "| `teacher_sharding` | teacher MiB per rank (at rest) | median samples/s |" in out
+    replicate = float(out.split("| `replicate` | ")[1].split(" |")[0])
+    shard = float(out.split("| `shard` | ")[1].split(" |")[0])
+    assert replicate > 16 and abs(shard - replicate / 2) < 0.01  # 4.3 M float32 parameters, halved by sharding

@@ -1,4 +1,4 @@
-"""DDP on CPU (gloo): one frozen, unwrapped teacher replica per process; projectors inside the DDP wrapper."""
+"""Several CPU processes (gloo): DDP keeps one frozen, unwrapped teacher per process; FSDP2 shards or replicates it."""
 
 from __future__ import annotations
 
@@ -72,3 +72,37 @@ def test_ddp_subprocess_two_ranks_teacher_outputs_match_a_local_teacher_on_each_
         assert report["world_size"] == 2 and report["ddp_module"] and not report["wrapped"]
         assert report["batches"] == 3 and report["max_teacher_diff"] == 0.0  # exactly the local teacher's outputs
         assert report["students_equal"]
+        assert report["max_local_vs_mean"] > 1e-3  # the ranks' batches give different losses...
+        assert report["max_logged_vs_mean"] < 1e-6  # ...and with sync_dist=True the logged value is their mean
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_sharded_teacher_gives_the_replicated_teachers_student_with_half_the_memory(tmp_path):
+    out = tmp_path / "ranks"
+    for sharding in ("shard", "replicate"):
+        run_python("-m", "tests.helpers.fsdp2_script", str(out), sharding, timeout=300)
+    reports = {s: [json.loads((out / f"{s}-rank{r}.json").read_text()) for r in (0, 1)] for s in ("shard", "replicate")}
+    full_bytes = 4 * sum(p.numel() for p in TinyTeacher().parameters())
+    for sharding, sharded in (("shard", True), ("replicate", False)):
+        for report in reports[sharding]:
+            assert report["world_size"] == 2 and report["batches"] == 3
+            assert report["max_teacher_diff"] == 0.0  # exactly an unsharded teacher on this rank's own batch
+            assert report["features"] == 1 and report["teacher_frozen_eval"] and not report["teacher_in_model"]
+            assert report["teacher_sharded"] is sharded and report["teacher_dtensor"] is sharded
+            assert report["teacher_bytes"] == (full_bytes // 2 if sharded else full_bytes)
+    shard_state, replicate_state = (torch.load(out / f"{s}.pt") for s in ("shard", "replicate"))
+    assert set(shard_state) == set(replicate_state) and any(k.startswith("projectors.") for k in shard_state)
+    for key, value in shard_state.items():
+        torch.testing.assert_close(value, replicate_state[key], rtol=0, atol=1e-7)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_projectors_left_unsharded_are_refused_on_every_rank(tmp_path):
+    out = tmp_path / "ranks"
+    run_python("-m", "tests.helpers.fsdp2_script", str(out), "replicate", "--no-root-shard", timeout=300)
+    for rank in (0, 1):
+        message = (out / f"error-rank{rank}.txt").read_text()
+        assert "['projectors.1.weight', 'projectors.1.bias'] are not sharded under ModelParallelStrategy" in message
+        assert "fully_shard(self" in message

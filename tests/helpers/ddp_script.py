@@ -35,6 +35,17 @@ class Checks(L.Callback):
         self.report["wrapped"] |= isinstance(self.teacher_callback.teacher, DistributedDataParallel)
         self.report["ddp_module"] = isinstance(trainer.strategy.model, DistributedDataParallel)
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ):
+        # with sync_dist=True the logged step value is the mean of both ranks' losses, not this rank's own
+        mean = float(pl_module.all_gather(outputs["loss"].detach()).mean())
+        logged = float(trainer.callback_metrics["train/loss"])
+        self.report["max_logged_vs_mean"] = max(self.report.get("max_logged_vs_mean", 0.0), abs(logged - mean))
+        self.report["max_local_vs_mean"] = max(
+            self.report.get("max_local_vs_mean", 0.0), abs(float(outputs["loss"]) - mean)
+        )
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         gathered = pl_module.all_gather(flat)
@@ -57,7 +68,10 @@ def main(out: Path) -> None:
         limit_val_batches=0,
         callbacks=[teacher_callback, Checks(teacher_callback, reference, out)],
     )
-    trainer.fit(DistillModule(student=tiny_student(), alpha=0.5, temperature=2.0), make_loader(n=96, batch_size=8))
+    trainer.fit(
+        DistillModule(student=tiny_student(), alpha=0.5, temperature=2.0, sync_dist=True),
+        make_loader(n=96, batch_size=8),
+    )
 
 
 if __name__ == "__main__":

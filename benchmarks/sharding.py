@@ -1,0 +1,140 @@
+"""FSDP2 on CPU: the teacher sharded across 2 processes against a full replica per process.
+
+What is measured: the fit of ``benchmarks/ddp.py`` (teacher MLP 64 -> 2048 -> 2048 -> 10, 4.3 M frozen parameters;
+student MLP 64 -> 1024 -> 1024 -> 10) under Lightning's ``ModelParallelStrategy`` with 2 CPU processes (gloo), one
+torch thread each. The student's layers and the module are sharded by ``configure_model``; the teacher is held as
+``DistillationCallback(teacher_sharding=...)`` says: ``"replicate"`` or ``"shard"`` (each Linear its own unit). For
+each: the teacher bytes each rank holds at rest (``DistillationCallback.teacher_bytes``) and the training
+throughput from epoch 2 on (samples of both ranks / wall time on rank 0). Rounds alternate the order; the report
+gives medians and the median per-round ratio shard / replicate.
+
+Run from the repository root::
+
+    python benchmarks/sharding.py            # 3 rounds, ~3 min on 2 cores
+    python benchmarks/sharding.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from common import machine_description, start_run
+from ddp import BATCH, CLASSES, FEATURES, EpochTimer, mlp
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_distill import DistillationCallback, DistillModule
+
+MODES = ("replicate", "shard")
+
+
+class ShardedStudent(DistillModule):
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.student:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def fit(mode: str, epochs: int, samples: int, out: Path) -> None:
+    """One 2-process fit; rank 0 writes throughput and teacher bytes per rank to ``out``."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(samples, FEATURES)
+    y = (x[:, :CLASSES]).argmax(-1)
+    timer = EpochTimer()
+    callback = DistillationCallback(mlp(2048), teacher_sharding=mode, teacher_shard_units=[nn.Linear])  # type: ignore[arg-type]
+    trainer = L.Trainer(
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        accelerator="cpu",
+        devices=2,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[callback, timer],
+    )
+    module = ShardedStudent(student=mlp(1024), alpha=0.9, temperature=4.0)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
+    if trainer.global_rank == 0:
+        result = {"samples_per_s": timer.samples / timer.seconds, "teacher_bytes": callback.teacher_bytes}
+        out.write_text(json.dumps(result))
+
+
+def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, __file__, "--fit", mode, "--epochs", str(args.epochs)]
+        command += ["--samples", str(args.samples), "--out", str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=1200, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"The {mode} fit failed:\n{result.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per fit; the first is warm-up")
+    parser.add_argument("--samples", type=int, default=16384, help="training samples (split across ranks)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 epochs, 2048 samples")
+    parser.add_argument("--fit", choices=MODES, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.epochs, args.samples = 1, 2, 2048
+    if args.rounds < 1 or args.epochs < 2 or args.samples < 2 * BATCH:
+        parser.error("need --rounds >= 1, --epochs >= 2 and --samples >= 512")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.fit is not None:  # a child process (and, for rank 1, Lightning's relaunch of it)
+        fit(args.fit, args.epochs, args.samples, args.out)
+        return 0
+    run = start_run("sharding.py", argv, threads=1)
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    ratios = []
+    for index in range(args.rounds):
+        for mode in MODES if index % 2 == 0 else MODES[::-1]:
+            results[mode].append(measure(mode, args))
+        ratios.append(results["shard"][-1]["samples_per_s"] / results["replicate"][-1]["samples_per_s"])
+        run.log(f"round {index + 1}/{args.rounds}: shard / replicate throughput {ratios[-1]:.2f}")
+    rows = []
+    for mode in MODES:
+        rate = statistics.median(r["samples_per_s"] for r in results[mode])
+        mib = results[mode][0]["teacher_bytes"] / 2**20
+        rows.append(f"| `{mode}` | {mib:.2f} | {rate:.0f} |")
+    lines = [
+        f"## Teacher sharding on CPU (FSDP2, 2 processes): `{run.command}`",
+        "",
+        *machine_description(1, run.load_at_start),
+        "",
+        "| `teacher_sharding` | teacher MiB per rank (at rest) | median samples/s |",
+        "|---|---:|---:|",
+        *rows,
+        "",
+        f"Throughput shard / replicate: median {statistics.median(ratios):.2f} (per round "
+        f"{', '.join(f'{r:.2f}' for r in ratios)}); {args.rounds} round(s), {args.epochs} epochs per fit (first "
+        f"dropped), {args.samples} samples, batch {BATCH} per process.",
+    ]
+    return run.finish(lines, None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
