@@ -1,10 +1,12 @@
 """lightning-distill: knowledge distillation for PyTorch Lightning as a one-line addition.
 
 Add :class:`DistillationCallback` (it owns the frozen teacher) to the Trainer and train a :class:`DistillModule`
-(it owns the loss) as the student.
+(it owns the loss) as the student. In a loop of your own (Lightning Fabric, plain PyTorch) use :class:`Distiller`,
+the same engine.
 """
 
 from lightning_distill.callback import DistillationCallback
+from lightning_distill.distiller import Distiller
 from lightning_distill.feature_map import FeatureMap
 from lightning_distill.module import DistillModule
 from lightning_distill.self_distill import SelfDistillModule
@@ -12,4 +14,12 @@ from lightning_distill.teacher import TeacherOutputs
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillModule", "DistillationCallback", "FeatureMap", "SelfDistillModule", "TeacherOutputs", "__version__"]
+__all__ = [
+    "DistillModule",
+    "DistillationCallback",
+    "Distiller",
+    "FeatureMap",
+    "SelfDistillModule",
+    "TeacherOutputs",
+    "__version__",
+]

@@ -182,15 +182,28 @@ class FeatureCapture:
         self._handles.clear()
         self._recorded.clear()
 
+    @property
+    def is_recording(self) -> bool:
+        """Whether forwards are being recorded now."""
+        return self._recording
+
+    def start(self) -> None:
+        """Record the requested outputs of every forward from now until :meth:`stop` (earlier records are dropped)."""
+        self._recorded.clear()
+        self._recording = True
+
+    def stop(self) -> None:
+        """Stop recording; what was recorded stays until :meth:`take`."""
+        self._recording = False
+
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         """Record the requested outputs of the forwards run inside this context (earlier records are dropped)."""
-        self._recorded.clear()
-        self._recording = True
+        self.start()
         try:
             yield
         finally:
-            self._recording = False
+            self.stop()
 
     def take(self) -> dict[str, Tensor]:
         """Return what was recorded and forget it.

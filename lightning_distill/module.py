@@ -178,9 +178,13 @@ class DistillModule(FactoryModule):
 
         Keys: ``"alpha"``, ``"temperature"``, ``"tckd_weight"``, ``"nckd_weight"`` and ``"weight/<map name>"``.
         """
-        trainer = self._trainer
-        step, epoch = (0, 0) if trainer is None else (trainer.global_step, trainer.current_epoch)
+        step, epoch = self.schedule_position()
         return {name: schedule(step=step, epoch=epoch) for name, schedule in self.schedules.items()}
+
+    def schedule_position(self) -> tuple[int, int]:
+        """The ``(step, epoch)`` schedules are evaluated at: the Trainer's ``global_step`` and ``current_epoch``."""
+        trainer = self._trainer
+        return (0, 0) if trainer is None else (trainer.global_step, trainer.current_epoch)
 
     @property
     def alpha(self) -> float:
@@ -236,6 +240,7 @@ class DistillModule(FactoryModule):
         target: Tensor | None,
         mask: Tensor | None = None,
         student_features: Mapping[str, Tensor] | None = None,
+        task_loss: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compose the training loss and return every term.
 
@@ -247,6 +252,8 @@ class DistillModule(FactoryModule):
             mask: Optional bool tensor ``(*)`` of the positions that count in the logit terms.
             student_features: The captured student features (``training_step`` passes them), keyed by
                 :attr:`FeatureMap.student_key`; needed when there are feature maps.
+            task_loss: A task loss the caller computed itself (the loop API's ``on_after_compute_loss``), used in
+                place of the cross-entropy on ``target``: ``loss = alpha * kd_loss + (1 - alpha) * task_loss + ...``.
 
         Returns:
             ``{"loss", "task_loss", "kd_loss"}`` with a teacher, plus ``"tckd_loss"`` and ``"nckd_loss"`` for
@@ -266,6 +273,8 @@ class DistillModule(FactoryModule):
                     "Trainer: `Trainer(callbacks=[DistillationCallback(teacher=...)])`, or pass `alpha=0.0` (and no "
                     "feature maps) to train the student alone."
                 )
+            if task_loss is not None:
+                return {"loss": task_loss, "task_loss": task_loss}
             if target is None:
                 raise ValueError("Training without a teacher needs labels, but the batch has no target.")
             task = cross_entropy(student_logits, target, mask=mask, ignore_index=self.ignore_index)
@@ -274,7 +283,7 @@ class DistillModule(FactoryModule):
             student_logits,
             teacher_outputs.logits,
             target,
-            alpha=values["alpha"],
+            alpha=values["alpha"] if task_loss is None else 1.0,  # with a given task loss: only the KD term here
             temperature=values["temperature"],
             divergence=self.divergence,
             mask=mask,
@@ -282,6 +291,9 @@ class DistillModule(FactoryModule):
             tckd_weight=values["tckd_weight"],
             nckd_weight=values["nckd_weight"],
         )
+        if task_loss is not None:
+            terms["task_loss"] = task_loss
+            terms["loss"] = values["alpha"] * terms["kd_loss"] + (1.0 - values["alpha"]) * task_loss
         if self.feature_maps:
             if student_features is None:
                 raise RuntimeError(
@@ -379,10 +391,12 @@ class DistillModule(FactoryModule):
 
     def _probe_student(self, example_inputs: Any) -> dict[str, Tensor]:
         """Run the student once on ``example_inputs`` and return the requested features (for their shapes)."""
-        modes = {module: module.training for module in self.modules()}
+        root = self._feature_root()  # the loop API's student is not a submodule: its modes are kept too
+        modes = {module: module.training for module in (*self.modules(), *root.modules())}
         attached = self._student_capture.attached
-        self._student_capture.attach(self._feature_root())
+        self._student_capture.attach(root)
         self.eval()
+        root.eval()
         try:
             with torch.no_grad(), self._student_capture.recording():
                 call_with_inputs(self, move_data_to_device(example_inputs, self.device))

@@ -1,4 +1,5 @@
-"""Several CPU processes (gloo): DDP keeps one frozen, unwrapped teacher per process; FSDP2 shards or replicates it."""
+"""Several CPU processes (gloo): DDP keeps one frozen, unwrapped teacher per process; FSDP2 shards or replicates it;
+the Fabric loop example under DDP."""
 
 from __future__ import annotations
 
@@ -106,3 +107,15 @@ def test_fsdp2_projectors_left_unsharded_are_refused_on_every_rank(tmp_path):
         message = (out / f"error-rank{rank}.txt").read_text()
         assert "['projectors.1.weight', 'projectors.1.bias'] are not sharded under ModelParallelStrategy" in message
         assert "fully_shard(self" in message
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fabric_example_under_two_process_ddp_keeps_students_and_projectors_equal(tmp_path):
+    out = tmp_path / "ranks"
+    run_python("-m", "tests.helpers.fabric_ddp_script", str(out), timeout=300)
+    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["world_size"] == 2 and report["students_equal"] and report["projectors_equal"]
+        assert report["student_is_ddp"] and report["distiller_is_ddp"] and not report["teacher_wrapped"]
+        assert report["projectors_trained"] and report["teacher_frozen_eval"]

@@ -1,0 +1,325 @@
+"""Distiller: the same distillation engine for loops written by hand, with Lightning Fabric or plain PyTorch.
+
+The teacher is driven by :class:`~lightning_distill.teacher.TeacherRunner` (what
+:class:`~lightning_distill.DistillationCallback` uses) and the loss is composed by a
+:class:`~lightning_distill.DistillModule` (projectors, schedules, divergences, feature terms), held as a plain
+``nn.Module``: one implementation behind both APIs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+
+from lightning_distill.feature_map import FeatureMap
+from lightning_distill.losses.functional import Divergence
+from lightning_distill.module import DistillModule
+from lightning_distill.outputs import extract_logits
+from lightning_distill.schedules import Schedule
+from lightning_distill.teacher import TeacherOutputs, TeacherPrecision, TeacherRunner, load_teacher_checkpoint
+
+
+class _LoopEngine(DistillModule):
+    """A DistillModule used as a plain module by :class:`Distiller`.
+
+    It references the user's student without owning its parameters, and its schedules follow the loop's counters.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(None, **kwargs)
+        self._student_ref: tuple[nn.Module, ...] = ()  # a tuple, so the student is not registered as a submodule
+        self.step = 0
+        self.epoch = 0
+
+    def bind(self, student: nn.Module) -> None:
+        self._student_ref = (student,)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._student_ref[0](*args, **kwargs)
+
+    def _feature_root(self) -> nn.Module:
+        return self._student_ref[0]
+
+    def schedule_position(self) -> tuple[int, int]:
+        return self.step, self.epoch
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+
+
+class Distiller(nn.Module):
+    r"""Knowledge distillation for a training loop you write yourself (Lightning Fabric or plain PyTorch).
+
+    The loss is the one :class:`~lightning_distill.DistillModule` trains with,
+
+    .. math::
+
+        \mathcal{L} = \alpha \, T^2 \, \mathrm{KL}(p_t^T \,\|\, p_s^T) + (1 - \alpha) \, \mathrm{CE}(z_s, y)
+        + \sum_i w_i \, \mathcal{L}_i(\mathrm{proj}_i(f_s^{(i)}), f_t^{(i)}),
+
+    computed by the same code, with the teacher frozen, in eval mode, placed on the student's device and run once per
+    step without gradient. The ``Distiller``'s own parameters are the feature-map projectors (none without feature
+    maps): give ``distiller.parameters()`` to your optimizer.
+
+    Call order (the hook names follow Intel Neural Compressor's distillation callbacks)::
+
+        distiller.on_train_begin(student, example_inputs=x0)   # places the teacher, builds projectors
+        for epoch ...:
+            distiller.on_epoch_begin(epoch)                     # optional: sets the epoch for schedules
+            for x, y in loader:
+                distiller.on_step_begin()                       # needed with feature maps: records the student's
+                out = student(x)
+                loss = distiller.loss(x, out, y)                # or on_after_compute_loss(x, out, my_loss)
+                loss.backward(); optimizer.step()
+                distiller.on_after_optimizer_step()             # optional: checks the projectors were stepped
+            distiller.on_epoch_end()
+        distiller.on_train_end()                                # removes the hooks
+
+    Args:
+        teacher: The teacher model (frozen here; never trained).
+        alpha, temperature, divergence, ignore_index, feature_maps, tckd_weight, nckd_weight: As in
+            :class:`~lightning_distill.DistillModule`; a schedule advances with ``loss`` calls (steps) and
+            ``on_epoch_end`` (epochs).
+        logits_layer, teacher_checkpoint, teacher_precision, teacher_device: As in
+            :class:`~lightning_distill.DistillationCallback`.
+
+    Raises:
+        TypeError, ValueError: As the callback and the module raise for the same arguments.
+
+    Example::
+
+        >>> torch.manual_seed(0) is not None
+        True
+        >>> student, distiller = nn.Linear(4, 3), Distiller(nn.Linear(4, 3), alpha=0.5, temperature=2.0)
+        >>> distiller.on_train_begin(student)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> loss = distiller.loss(x, student(x), y)
+        >>> sorted(distiller.last_terms), loss.requires_grad
+        (['kd_loss', 'loss', 'task_loss'], True)
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        alpha: float | Schedule = 0.5,
+        temperature: float | Schedule = 1.0,
+        divergence: Divergence = "kl",
+        ignore_index: int = -100,
+        feature_maps: Sequence[FeatureMap | Mapping[str, Any]] | None = None,
+        tckd_weight: float | Schedule = 1.0,
+        nckd_weight: float | Schedule = 8.0,
+        logits_layer: str | None = None,
+        teacher_checkpoint: str | Path | None = None,
+        teacher_precision: TeacherPrecision | None = None,
+        teacher_device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.engine = _LoopEngine(
+            alpha=alpha,
+            temperature=temperature,
+            divergence=divergence,
+            ignore_index=ignore_index,
+            feature_maps=feature_maps,
+            tckd_weight=tckd_weight,
+            nckd_weight=nckd_weight,
+        )
+        self._runner = TeacherRunner(teacher, logits_layer, precision=teacher_precision, device=teacher_device)
+        if teacher_checkpoint is not None:
+            load_teacher_checkpoint(teacher, teacher_checkpoint)
+        self._context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        self._device = torch.device("cpu")
+        self._begun = False
+        self._step_open = False
+        self._snapshot: list[Tensor] | None = None
+        self.last_terms: dict[str, Tensor] = {}
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher model."""
+        return self._runner.teacher
+
+    @property
+    def step(self) -> int:
+        """Number of ``loss`` / ``on_after_compute_loss`` calls so far (the step schedules are evaluated at)."""
+        return self.engine.step
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch (advanced by ``on_epoch_end``, or set by ``on_epoch_begin(epoch)``)."""
+        return self.engine.epoch
+
+    def hparam_values(self) -> dict[str, float]:
+        """The current value of every (possibly scheduled) hyper-parameter; see ``DistillModule.hparam_values``."""
+        return self.engine.hparam_values()
+
+    # ---------------------------------------------------------------------------------------------------- lifecycle
+    def on_train_begin(self, student: nn.Module, *, example_inputs: Any = None, fabric: Any = None) -> None:
+        """Place the teacher beside ``student``, attach the feature hooks and build the projectors.
+
+        Args:
+            student: The student being trained (a Fabric-wrapped module is fine).
+            example_inputs: The inputs part of one batch; needed when a feature map's projector is inferred from the
+                features' shapes (projector ``"auto"`` without ``student_dim`` / ``teacher_dim``).
+            fabric: The ``lightning.fabric.Fabric`` running the loop, if any: the teacher then goes to
+                ``fabric.device``, is converted like the student for ``*-true`` precisions and runs in
+                ``fabric.autocast()``. Without it the teacher goes to the student's device.
+
+        Raises:
+            ValueError: If the teacher shares parameters with the student, or projectors must be inferred and
+                ``example_inputs`` is missing.
+        """
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
+        shared = {id(p) for p in student.parameters()}
+        if any(id(p) in shared for p in self.teacher.parameters()):
+            raise ValueError(
+                "The teacher shares parameters with the student: distillation needs a separate, frozen teacher. HINT: "
+                "pass `copy.deepcopy(model)` as the teacher."
+            )
+        if fabric is not None:
+            self._device = fabric.device
+            self._context = fabric.autocast
+            self._runner.place(self._device, fabric.strategy.precision.convert_module)
+        else:
+            self._device = next(student.parameters(), torch.empty(0)).device
+            self._runner.place(self._device)
+        self._runner.set_features((m.teacher, m.teacher_select) for m in self.engine.feature_maps)
+        self.engine.bind(student)
+        self.engine.to(self._device)
+        if any(m.key not in self.engine.projectors for m in self.engine.feature_maps):
+            if example_inputs is None:
+                names = [m.name for m in self.engine.feature_maps if m.key not in self.engine.projectors]
+                raise ValueError(
+                    f"The projectors of feature maps {names} are inferred from the features' shapes, so "
+                    "`on_train_begin` needs `example_inputs` (the inputs part of one batch). HINT: "
+                    "`distiller.on_train_begin(student, example_inputs=next(iter(loader))[0])`, or give each "
+                    "FeatureMap `student_dim=` and `teacher_dim=`."
+                )
+            example_inputs = move_data_to_device(example_inputs, self._device)
+            teacher_features = self._runner.run(example_inputs, self._context()).features
+            self.engine.build_projectors(teacher_features, example_inputs)
+        if self.engine.feature_maps:
+            self.engine._student_capture.attach(student)
+        self._snapshot = [p.detach().clone() for p in self.parameters() if p.requires_grad] or None
+        self._begun = True
+
+    def on_epoch_begin(self, epoch: int | None = None) -> None:
+        """Optionally set the epoch schedules are evaluated at (e.g. when resuming)."""
+        if epoch is not None:
+            if not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(f"`epoch` must be a non-negative int, got {epoch!r}.")
+            self.engine.epoch = epoch
+
+    def on_step_begin(self, batch_id: int | None = None) -> None:
+        """Start recording the student's features for this step (call it before the student's forward)."""
+        self._require_begun("on_step_begin")
+        self.engine._student_capture.start()
+        self._step_open = True
+
+    def on_after_optimizer_step(self) -> None:
+        """Check, after the first optimizer step, that the projectors were updated (else they are in no optimizer)."""
+        self._check_stepped()
+
+    def on_epoch_end(self) -> None:
+        """Advance the epoch, and check that the projectors were updated at least once."""
+        self._check_stepped()
+        self.engine.epoch += 1
+
+    def on_train_end(self) -> None:
+        """Remove the hooks this distiller put on the student and the teacher."""
+        self.engine._student_capture.remove()
+        self._runner.remove_hooks()
+        self._begun = False
+
+    # --------------------------------------------------------------------------------------------------------- loss
+    def teacher_outputs(self, inputs: Any) -> TeacherOutputs:
+        """Run the teacher on ``inputs`` (moved to its device) without gradient and return its outputs."""
+        self._require_begun("teacher_outputs")
+        return self._runner.run(move_data_to_device(inputs, self._device), self._context())
+
+    def loss(
+        self, inputs: Any, student_output: Any, target: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """The combined distillation loss of one step (every term is kept in :attr:`last_terms`).
+
+        Args:
+            inputs: The inputs the student ran on (a tensor, or a mapping passed as keyword arguments).
+            student_output: The student's output: logits, or an object with ``.logits`` / ``["logits"]``.
+            target: Class indices, or ``None`` for pure distillation (``alpha`` must be 1).
+            mask: Optional bool tensor of the positions that count.
+
+        Raises:
+            RuntimeError: If called before ``on_train_begin``, or with feature maps without ``on_step_begin`` before
+                the student's forward.
+        """
+        return self(inputs, student_output, target, mask)
+
+    def forward(
+        self, inputs: Any, student_output: Any, target: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """Same as :meth:`loss`; lets ``fabric.setup_module(distiller)`` synchronize the projectors' gradients."""
+        return self._compose(inputs, student_output, target, mask, None)
+
+    def on_after_compute_loss(self, inputs: Any, student_output: Any, student_loss: Tensor) -> Tensor:
+        """Return ``alpha * kd_loss + (1 - alpha) * student_loss + feature terms`` for a task loss you computed.
+
+        Intel Neural Compressor's hook of the same name. ``divergence="dkd"`` needs the labels: use :meth:`loss`.
+        """
+        if not isinstance(student_loss, Tensor) or student_loss.dim() != 0:
+            raise TypeError(f"`student_loss` must be a scalar tensor, got {student_loss!r}.")
+        return self._compose(inputs, student_output, None, None, student_loss)
+
+    def _compose(
+        self, inputs: Any, student_output: Any, target: Tensor | None, mask: Tensor | None, task_loss: Tensor | None
+    ) -> Tensor:
+        self._require_begun("loss")
+        features = None
+        if self.engine.feature_maps:
+            if not self._step_open:
+                raise RuntimeError(
+                    "This distiller has feature maps, so call `distiller.on_step_begin()` before the student's forward "
+                    "on every step: the student's features are recorded from then until `loss`."
+                )
+            self.engine._student_capture.stop()
+            self._step_open = False
+            features = self.engine._student_capture.take()
+        logits = extract_logits(student_output, role="student")
+        teacher = self.teacher_outputs(inputs)
+        terms = self.engine.compute_loss(logits, teacher, target, mask, student_features=features, task_loss=task_loss)
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        self.engine.step += 1
+        return terms["loss"]
+
+    # ------------------------------------------------------------------------------------------------------ checks
+    def _require_begun(self, call: str) -> None:
+        if not self._begun:
+            raise RuntimeError(
+                f"`distiller.{call}` was called before `distiller.on_train_begin(student)`, which places the teacher "
+                "and builds the projectors. HINT: call `on_train_begin` once before the training loop."
+            )
+
+    def _check_stepped(self) -> None:
+        if self._snapshot is None:
+            return
+        current = [p for p in self.parameters() if p.requires_grad]
+        if any(not torch.equal(before, p.detach()) for before, p in zip(self._snapshot, current, strict=True)):
+            self._snapshot = None  # stepped: nothing more to check
+            return
+        if self.engine.step == 0:
+            return
+        names = [name for name, p in self.named_parameters() if p.requires_grad]
+        raise RuntimeError(
+            f"The distiller's projector parameters {names} have not changed after {self.engine.step} step(s): they are "
+            "in no optimizer, so they would never train. HINT: build the optimizer from "
+            "`[*student.parameters(), *distiller.parameters()]`."
+        )
