@@ -5,6 +5,7 @@ Add :class:`DistillationCallback` (it owns the frozen teacher) to the Trainer an
 the same engine.
 """
 
+from lightning_distill.cache import TeacherCache
 from lightning_distill.callback import DistillationCallback
 from lightning_distill.distiller import Distiller
 from lightning_distill.feature_map import FeatureMap
@@ -20,6 +21,7 @@ __all__ = [
     "Distiller",
     "FeatureMap",
     "SelfDistillModule",
+    "TeacherCache",
     "TeacherOutputs",
     "__version__",
 ]

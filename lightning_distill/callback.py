@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_distill.cache import TeacherCache, cache_settings
 from lightning_distill.module import DistillModule
 from lightning_distill.outputs import example_inputs
 from lightning_distill.strategies import (
@@ -24,7 +25,13 @@ from lightning_distill.strategies import (
     shard_teacher,
     strategy_kind,
 )
-from lightning_distill.teacher import TeacherPrecision, TeacherRunner, load_teacher_checkpoint, teacher_fingerprint
+from lightning_distill.teacher import (
+    TeacherOutputs,
+    TeacherPrecision,
+    TeacherRunner,
+    load_teacher_checkpoint,
+    teacher_fingerprint,
+)
 
 
 class DistillationCallback(L.Callback):
@@ -62,6 +69,8 @@ class DistillationCallback(L.Callback):
             processes with FSDP2 (no optimizer, no gradients, each unit's weights gathered for its forward and freed
             after), ``"replicate"`` it (a full copy per process), or ``"auto"`` (default): shard when its weights take
             at least 1 GiB. Under other strategies ``"auto"`` replicates and ``"shard"`` is refused.
+        cache: A :class:`~lightning_distill.TeacherCache`: the teacher's logits are stored in the first epoch and read
+            back later, so cached batches never run the teacher (logits only: no feature maps).
         teacher_shard_units: Module classes of the teacher to shard as separate FSDP units (e.g. its transformer block
             class), so its forward never holds more than one unit's full weights; by default the whole teacher is one
             unit.
@@ -94,6 +103,7 @@ class DistillationCallback(L.Callback):
         teacher_device: str | torch.device | None = None,
         teacher_sharding: TeacherSharding = "auto",
         teacher_shard_units: Sequence[type[nn.Module]] = (),
+        cache: TeacherCache | None = None,
     ) -> None:
         for name, flag in (
             ("run_on_validation", run_on_validation),
@@ -115,6 +125,9 @@ class DistillationCallback(L.Callback):
             )
         self._runner = TeacherRunner(teacher, logits_layer, precision=teacher_precision, device=teacher_device)
         self.teacher_sharded = False
+        if cache is not None and not isinstance(cache, TeacherCache):
+            raise TypeError(f"`cache` must be a TeacherCache or None, got {type(cache).__name__}.")
+        self.cache = cache
         if teacher_checkpoint is not None:
             load_teacher_checkpoint(teacher, teacher_checkpoint)
         self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
@@ -176,6 +189,8 @@ class DistillationCallback(L.Callback):
         self._first_batch_checked = False
         if stage != "fit":
             return
+        if self.cache is not None:
+            _check_cacheable(self.cache, pl_module)
         if any(m.key not in pl_module.projectors for m in pl_module.feature_maps):
             example = example_inputs(trainer, pl_module)
             teacher_features = None
@@ -204,7 +219,10 @@ class DistillationCallback(L.Callback):
     ) -> None:
         module = _as_distill_module(pl_module)
         inputs, target = module.split_batch(batch)
-        outputs = self._runner.run(inputs, trainer.precision_plugin.forward_context())
+        if self.cache is None:
+            outputs = self._runner.run(inputs, trainer.precision_plugin.forward_context())
+        else:
+            outputs = self._cached_outputs(trainer, module, batch, inputs)
         if self.check_finite or not self._first_batch_checked:
             _check_finite(outputs.logits, trainer, batch_idx)
         if not self._first_batch_checked:
@@ -212,6 +230,39 @@ class DistillationCallback(L.Callback):
             if target is not None:
                 _warn_if_chance_level(outputs.logits, target, module.ignore_index)
         module.set_teacher_outputs(outputs)
+
+    def _cached_outputs(self, trainer: L.Trainer, module: DistillModule, batch: Any, inputs: Any) -> TeacherOutputs:
+        cache = self.cache
+        assert cache is not None
+
+        def run() -> Tensor:
+            return self._runner.run(inputs, trainer.precision_plugin.forward_context(), features=False).logits
+
+        if not cache.is_open:
+            logits = run()  # one run per fit tells the number of classes (and is checked against the cache)
+            if logits.ndim != 2:
+                raise ValueError(
+                    f"TeacherCache stores one logits row per sample, but the teacher returned {tuple(logits.shape)}. "
+                    "HINT: token-level (B, L, V) logits are not cached; remove `cache=`."
+                )
+            dataset = getattr(trainer.train_dataloader, "dataset", None)
+            if dataset is None:
+                raise TypeError("TeacherCache needs the training DataLoader's dataset to size the cache.")
+            settings = cache_settings(
+                self.fingerprint,
+                len(dataset),
+                getattr(dataset, "views", 1),
+                logits.shape[-1],
+                cache.top_k,
+                module.hparam_values()["temperature"],
+            )
+            cache.open(settings, create=trainer.is_global_zero, barrier=trainer.strategy.barrier)
+        return cache.outputs(cache.rows(batch), run, trainer.current_epoch, trainer.strategy.root_device)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.cache is not None and self.cache.is_open:
+            self.cache.flush()
 
     @override
     def on_train_batch_end(
@@ -280,6 +331,26 @@ def _as_distill_module(pl_module: L.LightningModule) -> DistillModule:
     if not isinstance(pl_module, DistillModule):  # setup() has refused this already; keeps type checkers honest
         raise TypeError(f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__}.")
     return pl_module
+
+
+def _check_cacheable(cache: TeacherCache, module: DistillModule) -> None:
+    """Refuse a cache the module's loss could not use: features, or top-k with another divergence or a schedule."""
+    if module.feature_maps:
+        raise ValueError(
+            "TeacherCache stores the teacher's logits only, but the module has feature maps, which need the teacher's "
+            "forward on every batch. HINT: remove `cache=` or the feature maps."
+        )
+    if cache.top_k is not None:
+        if module.divergence != "kl":
+            raise ValueError(
+                f"A top-k TeacherCache supports divergence='kl' only, got {module.divergence!r}. HINT: "
+                "`TeacherCache(path)` stores the full logits, which work with every divergence."
+            )
+        if not module.schedules["temperature"].is_constant:
+            raise ValueError(
+                "A top-k TeacherCache stores probabilities at one temperature, but the temperature is scheduled. HINT: "
+                "`TeacherCache(path)` stores the full logits, which work at any temperature."
+            )
 
 
 def _check_units(units: Sequence[type[nn.Module]]) -> tuple[type[nn.Module], ...]:

@@ -27,6 +27,7 @@ from lightning_distill.losses.functional import (
     kd_loss,
 )
 from lightning_distill.losses.functional._common import _check_ignore_index
+from lightning_distill.losses.functional.topk import topk_kd_loss
 from lightning_distill.outputs import call_with_inputs, extract_logits
 from lightning_distill.projectors import (
     build_projector,
@@ -37,7 +38,7 @@ from lightning_distill.projectors import (
 )
 from lightning_distill.schedules import Schedule, checked_schedule
 from lightning_distill.strategies import strategy_kind, unsharded_projectors
-from lightning_distill.teacher import TeacherOutputs
+from lightning_distill.teacher import TeacherOutputs, TopKTeacher
 from lightning_distill.training import (
     FactoryModule,
     LRSchedulerFactory,
@@ -279,18 +280,21 @@ class DistillModule(FactoryModule):
                 raise ValueError("Training without a teacher needs labels, but the batch has no target.")
             task = cross_entropy(student_logits, target, mask=mask, ignore_index=self.ignore_index)
             return {"loss": task, "task_loss": task}
-        terms = distillation_loss_terms(
-            student_logits,
-            teacher_outputs.logits,
-            target,
-            alpha=values["alpha"] if task_loss is None else 1.0,  # with a given task loss: only the KD term here
-            temperature=values["temperature"],
-            divergence=self.divergence,
-            mask=mask,
-            ignore_index=self.ignore_index,
-            tckd_weight=values["tckd_weight"],
-            nckd_weight=values["nckd_weight"],
-        )
+        if teacher_outputs.topk is not None:
+            terms = self._topk_terms(student_logits, teacher_outputs.topk, target, mask, values)
+        else:
+            terms = distillation_loss_terms(
+                student_logits,
+                teacher_outputs.logits,
+                target,
+                alpha=values["alpha"] if task_loss is None else 1.0,  # with a given task loss: only the KD term here
+                temperature=values["temperature"],
+                divergence=self.divergence,
+                mask=mask,
+                ignore_index=self.ignore_index,
+                tckd_weight=values["tckd_weight"],
+                nckd_weight=values["nckd_weight"],
+            )
         if task_loss is not None:
             terms["task_loss"] = task_loss
             terms["loss"] = values["alpha"] * terms["kd_loss"] + (1.0 - values["alpha"]) * task_loss
@@ -307,6 +311,24 @@ class DistillModule(FactoryModule):
                 loss = loss + values[f"weight/{fmap.name}"] * term
             terms["loss"] = loss
         return terms
+
+    def _topk_terms(
+        self, student_logits: Tensor, topk: TopKTeacher, target: Tensor | None, mask: Tensor | None, values: dict
+    ) -> dict[str, Tensor]:
+        """Loss terms from a top-k cached teacher (KD with the tail as one bucket; see ``topk_kd_loss``)."""
+        if values["temperature"] != topk.temperature or self.divergence != "kl":
+            raise ValueError(
+                f"The cached top-k teacher was stored at temperature {topk.temperature} for divergence 'kl'; the module"
+                f" now uses temperature {values['temperature']} and divergence {self.divergence!r}. HINT: rebuild the "
+                "cache, or cache the full logits."
+            )
+        kd = topk_kd_loss(
+            student_logits, topk.values, topk.indices, topk.tail, topk.temperature, mask, target, self.ignore_index
+        )
+        if target is None:
+            return {"loss": values["alpha"] * kd, "task_loss": kd.new_zeros(()), "kd_loss": kd}
+        task = cross_entropy(student_logits, target, mask=mask, ignore_index=self.ignore_index)
+        return {"loss": values["alpha"] * kd + (1.0 - values["alpha"]) * task, "task_loss": task, "kd_loss": kd}
 
     def feature_term(
         self, fmap: FeatureMap, student_features: Mapping[str, Tensor], teacher_features: Mapping[str, Tensor]

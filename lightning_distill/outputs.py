@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_distill.data.indexed import Indexed
+
 TARGET_KEYS = ("labels", "label", "y", "target")
 
 
@@ -69,7 +71,8 @@ def extract_logits(output: Any, *, role: str) -> Tensor:
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
     """Split a batch into ``(inputs, target)``; ``target`` is ``None`` for unlabeled batches.
 
-    Handled: ``(x, y)`` tuples or lists, ``(x,)``, a bare tensor, and mappings whose target is under one of
+    Handled: ``(x, y)`` tuples or lists, ``(x,)``, a bare tensor, an :class:`~lightning_distill.data.Indexed` batch
+    (its ``sample`` is split), and mappings whose target is under one of
     ``"labels"``, ``"label"``, ``"y"``, ``"target"`` (the other entries are the inputs, passed to ``forward`` as
     keyword arguments). `DistillModule.split_batch` calls it; override that for any other structure.
 
@@ -82,6 +85,8 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
         >>> split_batch({"input_ids": 1, "labels": 2})
         ({'input_ids': 1}, 2)
     """
+    if isinstance(batch, Indexed):  # sample identity for the teacher cache: the model sees only the sample
+        return split_batch(batch.sample)
     if isinstance(batch, Mapping):
         keys = [k for k in TARGET_KEYS if k in batch]
         if len(keys) > 1:

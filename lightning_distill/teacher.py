@@ -55,16 +55,37 @@ class TeacherOutputs:
         logits: Teacher logits, classes in the last dimension: ``(B, C)`` or ``(B, L, V)``.
         features: Captured intermediate outputs keyed by layer name, ``"name[selector]"`` when only part of the
             layer's output was requested (empty unless features were requested).
+        topk: Set when the outputs come from a top-k teacher cache: the KD term is then computed from it (see
+            :func:`~lightning_distill.losses.functional.topk.topk_kd_loss`), and ``logits`` are the teacher's
+            log-probabilities with the tail mass spread evenly (right for argmax and agreement).
 
     Example::
 
         >>> out = TeacherOutputs(torch.zeros(4, 10))
-        >>> out.logits.shape, dict(out.features)
-        (torch.Size([4, 10]), {})
+        >>> out.logits.shape, dict(out.features), out.topk
+        (torch.Size([4, 10]), {}, None)
     """
 
     logits: Tensor
     features: Mapping[str, Tensor] = field(default_factory=dict)
+    topk: TopKTeacher | None = None
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """A teacher distribution kept as its top-k log-probabilities at ``temperature`` and the remaining mass.
+
+    Attributes:
+        values: Log-probabilities of the k most likely classes, ``(B, k)``.
+        indices: Their classes, ``(B, k)``.
+        tail: Probability mass of all other classes, ``(B,)``.
+        temperature: The temperature the distribution was taken at.
+    """
+
+    values: Tensor
+    indices: Tensor
+    tail: Tensor
+    temperature: float
 
 
 def load_teacher_checkpoint(teacher: nn.Module, path: str | Path) -> None:

@@ -61,3 +61,15 @@ def test_sharding_quick_runs_and_reports_half_the_teacher_per_rank() -> None:
     replicate = float(out.split("| `replicate` | ")[1].split(" |")[0])
     shard = float(out.split("| `shard` | ")[1].split(" |")[0])
     assert replicate > 16 and abs(shard - replicate / 2) < 0.01  # 4.3 M float32 parameters, halved by sharding
+
+
+@pytest.mark.slow
+def test_cache_quick_runs_and_prints_the_table() -> None:
+    out = run_quick("cache.py")
+    assert (
+        "| variant | median step ms (epochs >= 2) | ratio vs alone | test acc % (mean ± std) | bytes per sample |"
+        in out
+    )
+    for row in ("| student alone |", "| uncached KD |", "| cached KD (full logits) |", "| cached KD (top-3) |"):
+        assert row in out
+    assert "| cached KD (full logits) |" in out and "| 25 |" in out  # 10 float16 logits + CRC-32 + flag

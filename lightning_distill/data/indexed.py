@@ -1,0 +1,76 @@
+"""Sample identity for the teacher cache: a dataset wrapper that adds each sample's index and view."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import Dataset
+
+Augment = Callable[[Any, torch.Generator], Any]
+"""A random augmentation that draws all its randomness from the generator it is given."""
+
+
+class Indexed(NamedTuple):
+    """One sample (or, after collation, one batch) with its identity in the dataset.
+
+    The default collate function batches it field by field, so a batch is ``Indexed(index=(B,) tensor,
+    view=(B,) tensor, sample=<the collated samples>)``. ``split_batch`` reads ``sample``; the teacher cache reads
+    ``index`` and ``view``. A dataset may return it itself, with an index of its own.
+    """
+
+    index: Any
+    view: Any
+    sample: Any
+
+
+class IndexedDataset(Dataset):
+    """Wrap a dataset so that every item carries its index and, with augmentation, which fixed view it is.
+
+    With ``augment`` and ``views=K``, each access picks one of K views of the sample at random (from the DataLoader's
+    seeded RNG) and applies ``augment(sample, generator)`` with a generator seeded by ``(seed, index, view)``: view v
+    of sample i is the same image every epoch, so a teacher output cached for it stays valid. Without ``augment`` the
+    single view is the sample itself.
+
+    Args:
+        dataset: Any map-style dataset.
+        augment: Optional random augmentation taking ``(sample, generator)``; all its randomness must come from the
+            generator (a cache check catches one that does not).
+        views: How many fixed views per sample (``>= 1``); the cache stores one entry per view.
+        seed: Seed of the views.
+
+    Example::
+
+        >>> ds = IndexedDataset([10, 20, 30])
+        >>> ds[2]
+        Indexed(index=2, view=0, sample=30)
+    """
+
+    def __init__(self, dataset: Any, augment: Augment | None = None, views: int = 1, seed: int = 0) -> None:
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"`views` must be an int >= 1, got {views!r}.")
+        if views > 1 and augment is None:
+            raise ValueError(
+                f"`views={views}` without `augment`: every view would be the same sample. HINT: pass the "
+                "augmentation as `augment=fn(sample, generator)`, or use views=1."
+            )
+        if augment is not None and not callable(augment):
+            raise TypeError(
+                f"`augment` must be a callable (sample, generator) -> sample, got {type(augment).__name__}."
+            )
+        self.dataset = dataset
+        self.augment = augment
+        self.views = views
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Indexed:
+        sample = self.dataset[index]
+        view = int(torch.randint(self.views, ())) if self.views > 1 else 0
+        if self.augment is not None:
+            generator = torch.Generator().manual_seed(hash((self.seed, int(index), view)) & 0x7FFF_FFFF_FFFF_FFFF)
+            sample = self.augment(sample, generator)
+        return Indexed(index=index, view=view, sample=sample)

@@ -1,0 +1,102 @@
+r"""KD from a teacher stored as its top-k log-probabilities and the remaining (tail) mass.
+
+A teacher distribution :math:`p` at temperature :math:`T` is kept as the log-probabilities of its k most likely
+classes :math:`K` and the tail mass :math:`m = 1 - \sum_{i \in K} p_i`. The KL term is computed with the tail as
+one bucket on both sides:
+
+.. math::
+
+    \mathrm{KL}_k(p \,\|\, s) = \sum_{i \in K} p_i \log \frac{p_i}{s_i} + m \log \frac{m}{1 - \sum_{i \in K} s_i}.
+
+By the log-sum inequality it never exceeds the full KL, and the gap is the tail's own KL weighted by its mass:
+
+.. math::
+
+    0 \le \mathrm{KL}(p \,\|\, s) - \mathrm{KL}_k(p \,\|\, s) = m \, \mathrm{KL}(\hat p \,\|\, \hat s)
+    \le m \log \frac{1}{\min_{j \notin K} \hat s_j},
+
+with :math:`\hat p, \hat s` the two distributions renormalized over the classes outside :math:`K`. With
+:math:`m = 0` (e.g. k = C) the two are equal. :func:`topk_kd_loss` multiplies by :math:`T^2` like
+:func:`~lightning_distill.losses.functional.kd_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_distill.losses.functional._common import _check_mask, _keep, check_temperature
+
+
+def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Encode logits ``(*, C)`` as ``(log-probabilities (*, k), class indices (*, k), tail mass (*))`` at ``T``.
+
+    Example::
+
+        >>> values, indices, tail = topk_log_probs(torch.tensor([[0.0, 2.0, 1.0]]), k=2, temperature=1.0)
+        >>> indices.tolist(), round(float(values.exp().sum() + tail), 6)
+        ([[1, 2]], 1.0)
+    """
+    check_temperature(temperature)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"`k` must be an int in [1, {logits.shape[-1]}] (the number of classes), got {k!r}.")
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    values, indices = log_p.topk(k, dim=-1)
+    tail = (1.0 - values.exp().sum(-1)).clamp(min=0.0) if k < logits.shape[-1] else values.new_zeros(values.shape[:-1])
+    return values, indices, tail
+
+
+def topk_kd_loss(
+    student_logits: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    tail: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    target: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    r"""``T² · mean_positions KL_k(p_t ‖ p_s)`` from a top-k teacher (see the module docstring for the bound).
+
+    Args:
+        student_logits: Student logits ``(*, C)``.
+        values: The teacher's top-k log-probabilities at ``temperature``, ``(*, k)``.
+        indices: Their class indices, ``(*, k)``.
+        tail: The teacher's remaining probability mass, ``(*)``.
+        temperature: The temperature the teacher was encoded at; the student is softened by the same one.
+        mask: Optional bool ``(*)``: the positions that count.
+        target: Optional class indices ``(*)``: positions equal to ``ignore_index`` do not count.
+        ignore_index: See ``target``.
+
+    Raises:
+        ValueError: For mismatched shapes or a bad temperature.
+
+    Example::
+
+        >>> s, t = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[2.0, 0.5, 0.0]])
+        >>> v, i, m = topk_log_probs(t, k=3, temperature=2.0)  # k = C: exact
+        >>> from lightning_distill.losses.functional import kd_loss
+        >>> torch.allclose(topk_kd_loss(s, v, i, m, temperature=2.0), kd_loss(s, t, temperature=2.0))
+        True
+    """
+    temperature = check_temperature(temperature)
+    lead = tuple(student_logits.shape[:-1])
+    if tuple(values.shape[:-1]) != lead or values.shape != indices.shape or tuple(tail.shape) != lead:
+        raise ValueError(
+            f"Top-k teacher shapes do not match the student logits {tuple(student_logits.shape)}: values "
+            f"{tuple(values.shape)}, indices {tuple(indices.shape)}, tail {tuple(tail.shape)}."
+        )
+    _check_mask(mask, lead)
+    keep = _keep(target, mask, ignore_index, student_logits.device)
+    log_s = torch.log_softmax(student_logits.float().reshape(-1, student_logits.shape[-1]) / temperature, dim=-1)
+    values, indices, tail = values.float().reshape(log_s.shape[0], -1), indices.long().reshape(log_s.shape[0], -1), tail
+    tail = tail.float().reshape(-1)
+    if keep is not None:
+        log_s, values, indices, tail = log_s[keep], values[keep], indices[keep], tail[keep]
+    if log_s.shape[0] == 0:
+        return log_s.sum() * 0.0
+    head = (values.exp() * (values - log_s.gather(-1, indices))).sum(-1)
+    log_s_tail = torch.logsumexp(log_s.scatter(-1, indices, float("-inf")), dim=-1)
+    # no class outside the top-k (k = C): the tail is empty, whatever rounding left in `tail`
+    bucket = torch.where(log_s_tail.isfinite(), torch.xlogy(tail, tail) - tail * log_s_tail, torch.zeros_like(tail))
+    return temperature**2 * (head + bucket).mean()

@@ -1,0 +1,202 @@
+"""TeacherCache: cached losses equal uncached ones, the top-k bound, integrity, crash and resume, DDP, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_distill import DistillationCallback, DistillModule, FeatureMap, TeacherCache
+from lightning_distill.data import IndexedDataset
+from lightning_distill.losses.functional import kd_loss
+from lightning_distill.losses.functional.topk import topk_kd_loss, topk_log_probs
+from lightning_distill.schedules import LinearWarmup
+from tests.helpers.processes import REPO_ROOT
+from tests.helpers.tiny import TinyTeacher, make_data, make_trainer, random_logits, tiny_student, trained_teacher
+
+
+class StepLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.kd: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.losses.append(float(outputs["loss"]))
+        self.kd.append(float(trainer.callback_metrics["train/kd_loss"]))
+
+
+def _fit(tmp_path, cache=None, epochs=3, teacher=None, dataset=None, **module_kwargs):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    teacher = trained_teacher() if teacher is None else teacher
+    dataset = IndexedDataset(TensorDataset(*make_data(64))) if dataset is None else dataset
+    loader = DataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    record = StepLosses()
+    callback = DistillationCallback(teacher, cache=cache)
+    kwargs = {"alpha": 0.5, "temperature": 2.0, **module_kwargs}
+    trainer = make_trainer(tmp_path, max_epochs=epochs, limit_train_batches=None, callbacks=[callback, record])
+    trainer.fit(DistillModule(student=tiny_student(), **kwargs), loader)
+    return record
+
+
+def test_full_logits_cache_gives_the_uncached_losses_and_runs_the_teacher_in_epoch_one_only(tmp_path):
+    plain = _fit(tmp_path)
+    cache = TeacherCache(tmp_path / "cache")
+    cached = _fit(tmp_path, cache)
+    assert cache.teacher_runs == 4 and cache.filled_fraction() == 1.0  # 4 batches in epoch 1, none after
+    np.testing.assert_allclose(cached.losses, plain.losses, rtol=2e-3)  # float16 logits
+    assert cache.bytes_per_sample() == 4 * 2 + 4 + 1  # 4 float16 logits, CRC-32, filled flag
+    again = TeacherCache(tmp_path / "cache")
+    np.testing.assert_allclose(_fit(tmp_path, again).losses, cached.losses, rtol=1e-6)  # a later run reads it all
+    assert again.teacher_runs == 0
+
+
+def test_topk_kd_is_a_lower_bound_within_the_documented_gap():
+    student, teacher, _, _ = random_logits((64, 12), seed=3)
+    for k in (1, 3, 6, 12):
+        values, indices, tail = topk_log_probs(teacher, k, temperature=2.0)
+        exact = kd_loss(student, teacher, temperature=2.0)
+        approx = topk_kd_loss(student, values, indices, tail, temperature=2.0)
+        log_s = torch.log_softmax(student / 2.0, -1).scatter(-1, indices, float("-inf"))
+        rest = (log_s - torch.logsumexp(log_s, -1, keepdim=True)).exp()  # student renormalized outside the top-k
+        min_rest = rest.masked_fill(rest == 0, 1.0).amin(-1) if k < 12 else torch.ones(64)
+        bound = 4.0 * (tail * torch.log(1 / min_rest)).mean()  # T^2 * mean(m * log(1 / min s_hat))
+        assert 0.0 <= float(exact - approx) <= float(bound) + 1e-5, k
+    assert float(exact - approx) == pytest.approx(0.0, abs=1e-5)  # k = C is exact
+
+
+def test_topk_cache_trains_with_the_bucketed_kd_and_counts_bytes(tmp_path):
+    cache = TeacherCache(tmp_path / "cache", top_k=2)
+    record = _fit(tmp_path, cache)
+    plain = _fit(tmp_path)
+    assert cache.teacher_runs == 4 and all(math.isfinite(v) for v in record.losses)
+    assert 0.0 <= plain.kd[0] - record.kd[0]  # same weights at step 1: the bucketed KD never exceeds the full KD
+    assert cache.bytes_per_sample() == 2 * 2 + 2 * 2 + 4 + 4 + 1  # float16 values, int16 indices, tail, CRC, flag
+
+
+def test_a_cache_for_another_teacher_is_refused_or_rebuilt(tmp_path):
+    _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1)
+    with pytest.raises(ValueError, match=r"was made for other settings: teacher: cache '[0-9a-f]+', now '[0-9a-f]+'"):
+        _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1, teacher=TinyTeacher())
+    rebuilt = TeacherCache(tmp_path / "cache", on_mismatch="rebuild")
+    _fit(tmp_path, rebuilt, epochs=1, teacher=TinyTeacher())
+    assert rebuilt.teacher_runs == 4
+
+
+def test_truncated_and_corrupted_files_are_detected(tmp_path):
+    _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1)
+    values = tmp_path / "cache" / "values.bin"
+    data = bytearray(values.read_bytes())
+    data[10] ^= 0xFF  # one flipped byte in sample 1's logits
+    values.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"rows \[.*\] fail their checksum"):
+        _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1)
+    values.write_bytes(bytes(data[:-6]))
+    with pytest.raises(ValueError, match=r"values.bin' is truncated or damaged: 506 bytes, expected 512"):
+        _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1)
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_epoch_leaves_unfilled_rows_and_resume_fills_only_those(tmp_path):
+    path = str(tmp_path / "cache")
+    command = [sys.executable, "-m", "tests.helpers.cache_script", path]
+    killed = subprocess.run([*command, "2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9  # SIGKILL: no clean-up, no flush
+    filled = np.fromfile(tmp_path / "cache" / "filled.bin", dtype=np.uint8)
+    assert filled.tolist() == [1] * 32 + [0] * 32  # the two batches written before the kill, nothing after
+    resumed = subprocess.run([*command, "0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "teacher_runs=2 filled=1.0" in resumed.stdout  # only the two missing batches ran the teacher
+
+
+def _shifted(sample, generator):  # type: ignore[no-untyped-def]
+    x, y = sample
+    return x + torch.randn(x.shape, generator=generator), y
+
+
+def _unseeded(sample, generator):  # type: ignore[no-untyped-def]
+    x, y = sample
+    return x + torch.randn(x.shape), y  # ignores the generator: a new image every epoch
+
+
+def test_seeded_views_are_cached_and_unseeded_augmentation_is_caught(tmp_path):
+    base = TensorDataset(*make_data(64))
+    cache = TeacherCache(tmp_path / "views")
+    _fit(tmp_path, cache, epochs=4, dataset=IndexedDataset(base, augment=_shifted, views=2))
+    assert json.loads((tmp_path / "views" / "meta.json").read_text())["views"] == 2
+    assert 0.5 < cache.filled_fraction() <= 1.0 and cache.teacher_runs < 16
+    with pytest.raises(RuntimeError, match=r"no longer match the teacher on the same samples .* at epoch 1"):
+        _fit(tmp_path, TeacherCache(tmp_path / "stale"), epochs=2, dataset=IndexedDataset(base, augment=_unseeded))
+
+
+class RankCacheChecks(L.Callback):
+    def __init__(self, callback: DistillationCallback) -> None:
+        self.callback = callback
+
+    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        cache = self.callback.cache
+        assert cache is not None and cache.filled_fraction() == 1.0
+        assert cache.teacher_runs == 2  # this rank's 2 batches of epoch 1; epoch 2 read rows the other rank wrote too
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_ranks_fill_their_own_rows_of_one_cache(tmp_path):
+    callback = DistillationCallback(trained_teacher(), cache=TeacherCache(tmp_path / "cache"))
+    loader = DataLoader(IndexedDataset(TensorDataset(*make_data(64))), batch_size=16, shuffle=True)
+    trainer = make_trainer(
+        tmp_path,
+        strategy="ddp_spawn",
+        devices=2,
+        max_epochs=2,
+        limit_train_batches=None,
+        callbacks=[callback, RankCacheChecks(callback)],
+    )
+    trainer.fit(DistillModule(student=tiny_student(), alpha=0.5, temperature=2.0), loader)
+    assert np.fromfile(tmp_path / "cache" / "filled.bin", dtype=np.uint8).all()
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda p: TeacherCache(p, top_k=0), ValueError, "`top_k` must be None"),
+        (lambda p: TeacherCache(p, on_mismatch="fix"), ValueError, "`on_mismatch` must be 'refuse' or 'rebuild'"),
+        (lambda p: IndexedDataset([1, 2], views=2), ValueError, "`views=2` without `augment`"),
+        (lambda p: DistillationCallback(TinyTeacher(), cache=str(p)), TypeError, "`cache` must be a TeacherCache"),
+    ],
+)
+def test_bad_cache_arguments_are_explained(tmp_path, make, error, match):
+    with pytest.raises(error, match=match):
+        make(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("top_k", "module_kwargs", "match"),
+    [
+        (
+            None,
+            {
+                "feature_maps": [
+                    FeatureMap(student="1", teacher="body.1", projector="linear", student_dim=6, teacher_dim=16)
+                ]
+            },
+            "logits only",
+        ),
+        (2, {"divergence": "js"}, "supports divergence='kl' only, got 'js'"),
+        (2, {"temperature": LinearWarmup(2.0, warmup=3, start=1.0)}, "the temperature is scheduled"),
+    ],
+)
+def test_a_cache_the_loss_cannot_use_is_refused_at_setup(tmp_path, top_k, module_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _fit(tmp_path, TeacherCache(tmp_path / "cache", top_k=top_k), epochs=1, **module_kwargs)
+
+
+def test_batches_without_sample_identity_are_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"needs each batch's sample indices.*IndexedDataset\(dataset\)"):
+        _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1, dataset=TensorDataset(*make_data(64)))
