@@ -88,15 +88,16 @@ def fit(devices: int, epochs: int, samples: int, out: Path) -> None:
         out.write_text(json.dumps({"samples_per_s": timer.samples / timer.seconds}))
 
 
-def measure(devices: int, args: argparse.Namespace) -> float:
+def run_child(script: str, fit_arg: str, args: argparse.Namespace) -> dict[str, float]:
+    """Run ``script --fit fit_arg`` in a fresh process (Lightning relaunches it per rank); return rank 0's JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, "--fit", str(devices), "--epochs", str(args.epochs)]
+        command = [sys.executable, script, "--fit", fit_arg, "--epochs", str(args.epochs)]
         command += ["--samples", str(args.samples), "--out", str(out)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=1200, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"The {devices}-process fit failed:\n{result.stderr[-3000:]}")
-        return float(json.loads(out.read_text())["samples_per_s"])
+            raise RuntimeError(f"The fit `--fit {fit_arg}` failed:\n{result.stderr[-3000:]}")
+        return json.loads(out.read_text())
 
 
 _MATMULS = (
@@ -113,13 +114,17 @@ def hardware_ceiling() -> float:
     return 2 * alone / together
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+def parse_args(
+    argv: Sequence[str] | None, description: str, rounds: int, fit: type | Sequence[str]
+) -> argparse.Namespace:
+    """The options both multi-process benchmarks take; ``fit`` is the hidden ``--fit`` type or its choices."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--epochs", type=int, default=4, help="epochs per fit; the first is warm-up")
     parser.add_argument("--samples", type=int, default=16384, help="training samples (split across ranks)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 epochs, 2048 samples")
-    parser.add_argument("--fit", type=int, default=None, help=argparse.SUPPRESS)
+    kind = {"type": fit} if isinstance(fit, type) else {"choices": list(fit)}
+    parser.add_argument("--fit", default=None, help=argparse.SUPPRESS, **kind)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -130,7 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__, rounds=5, fit=int)
     if args.fit is not None:  # a child process (and, for rank 1, Lightning's relaunch of it)
         fit(args.fit, args.epochs, args.samples, args.out)
         return 0
@@ -141,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ceilings.append(hardware_ceiling())
         order = (1, 2) if index % 2 == 0 else (2, 1)
         for devices in order:
-            rates[devices].append(measure(devices, args))
+            rates[devices].append(run_child(__file__, str(devices), args)["samples_per_s"])
         ratios.append(rates[2][-1] / rates[1][-1])
         run.log(f"round {index + 1}/{args.rounds}: 1 process {rates[1][-1]:.0f}/s, 2 processes {rates[2][-1]:.0f}/s")
     ratio = statistics.median(ratios)

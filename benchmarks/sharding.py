@@ -16,19 +16,16 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 from common import machine_description, start_run
-from ddp import BATCH, CLASSES, FEATURES, EpochTimer, mlp
+from ddp import BATCH, CLASSES, FEATURES, EpochTimer, mlp, parse_args, run_child
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -55,7 +52,7 @@ def fit(mode: str, epochs: int, samples: int, out: Path) -> None:
     x = torch.randn(samples, FEATURES)
     y = (x[:, :CLASSES]).argmax(-1)
     timer = EpochTimer()
-    callback = DistillationCallback(mlp(2048), teacher_sharding=mode, teacher_shard_units=[nn.Linear])  # type: ignore[arg-type]
+    callback = DistillationCallback(mlp(2048), teacher_sharding=mode, teacher_shard_units=[nn.Linear])
     trainer = L.Trainer(
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         accelerator="cpu",
@@ -75,35 +72,8 @@ def fit(mode: str, epochs: int, samples: int, out: Path) -> None:
         out.write_text(json.dumps(result))
 
 
-def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, "--fit", mode, "--epochs", str(args.epochs)]
-        command += ["--samples", str(args.samples), "--out", str(out)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=1200, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"The {mode} fit failed:\n{result.stderr[-3000:]}")
-        return json.loads(out.read_text())
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per fit; the first is warm-up")
-    parser.add_argument("--samples", type=int, default=16384, help="training samples (split across ranks)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 epochs, 2048 samples")
-    parser.add_argument("--fit", choices=MODES, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.epochs, args.samples = 1, 2, 2048
-    if args.rounds < 1 or args.epochs < 2 or args.samples < 2 * BATCH:
-        parser.error("need --rounds >= 1, --epochs >= 2 and --samples >= 512")
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__, rounds=3, fit=MODES)
     if args.fit is not None:  # a child process (and, for rank 1, Lightning's relaunch of it)
         fit(args.fit, args.epochs, args.samples, args.out)
         return 0
@@ -112,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios = []
     for index in range(args.rounds):
         for mode in MODES if index % 2 == 0 else MODES[::-1]:
-            results[mode].append(measure(mode, args))
+            results[mode].append(run_child(__file__, mode, args))
         ratios.append(results["shard"][-1]["samples_per_s"] / results["replicate"][-1]["samples_per_s"])
         run.log(f"round {index + 1}/{args.rounds}: shard / replicate throughput {ratios[-1]:.2f}")
     rows = []
