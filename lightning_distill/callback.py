@@ -235,11 +235,15 @@ class DistillationCallback(L.Callback):
         cache = self.cache
         assert cache is not None
 
-        def run() -> Tensor:
-            return self._runner.run(inputs, trainer.precision_plugin.forward_context(), features=False).logits
+        ran: list[Tensor] = []
+
+        def run() -> Tensor:  # at most one teacher forward per batch, however many times it is asked for
+            if not ran:
+                ran.append(self._runner.run(inputs, trainer.precision_plugin.forward_context(), features=False).logits)
+            return ran[0]
 
         if not cache.is_open:
-            logits = run()  # one run per fit tells the number of classes (and is checked against the cache)
+            logits = run()  # the first batch of a fit tells the number of classes
             if logits.ndim != 2:
                 raise ValueError(
                     f"TeacherCache stores one logits row per sample, but the teacher returned {tuple(logits.shape)}. "
