@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -63,15 +64,17 @@ class EpochTimer(L.Callback):
             self.samples += trainer.num_training_batches * BATCH * trainer.world_size
 
 
-def fit(devices: int, epochs: int, samples: int, out: Path) -> None:
-    """One fit on ``devices`` CPU processes; rank 0 writes ``{"samples_per_s": ...}`` to ``out``."""
+def timed_fit(
+    strategy: Any, devices: int, callback: DistillationCallback, module: DistillModule, epochs: int, samples: int
+) -> tuple[L.Trainer, float]:
+    """Fit ``module`` on synthetic data with one thread per process; return the Trainer and samples/s (epochs >= 2)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(samples, FEATURES)
     y = (x[:, :CLASSES]).argmax(-1)
     timer = EpochTimer()
     trainer = L.Trainer(
-        strategy="ddp",
+        strategy=strategy,
         accelerator="cpu",
         devices=devices,
         max_epochs=epochs,
@@ -80,12 +83,19 @@ def fit(devices: int, epochs: int, samples: int, out: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[DistillationCallback(mlp(2048)), timer],
+        callbacks=[callback, timer],
     )
-    module = DistillModule(student=mlp(1024), alpha=0.9, temperature=4.0)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
+    return trainer, timer.samples / timer.seconds
+
+
+def fit(devices: int, epochs: int, samples: int, out: Path) -> None:
+    """One fit on ``devices`` CPU processes; rank 0 writes ``{"samples_per_s": ...}`` to ``out``."""
+    torch.manual_seed(0)
+    callback, module = DistillationCallback(mlp(2048)), DistillModule(student=mlp(1024), alpha=0.9, temperature=4.0)
+    trainer, rate = timed_fit("ddp", devices, callback, module, epochs, samples)
     if trainer.global_rank == 0:
-        out.write_text(json.dumps({"samples_per_s": timer.samples / timer.seconds}))
+        out.write_text(json.dumps({"samples_per_s": rate}))
 
 
 def run_child(script: str, fit_arg: str, args: argparse.Namespace) -> dict[str, float]:

@@ -22,14 +22,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 from common import machine_description, start_run
-from ddp import BATCH, CLASSES, FEATURES, EpochTimer, mlp, parse_args, run_child
+from ddp import BATCH, mlp, parse_args, run_child, timed_fit
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule
 
@@ -47,29 +45,13 @@ class ShardedStudent(DistillModule):
 
 def fit(mode: str, epochs: int, samples: int, out: Path) -> None:
     """One 2-process fit; rank 0 writes throughput and teacher bytes per rank to ``out``."""
-    torch.set_num_threads(1)
     torch.manual_seed(0)
-    x = torch.randn(samples, FEATURES)
-    y = (x[:, :CLASSES]).argmax(-1)
-    timer = EpochTimer()
     callback = DistillationCallback(mlp(2048), teacher_sharding=mode, teacher_shard_units=[nn.Linear])
-    trainer = L.Trainer(
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        accelerator="cpu",
-        devices=2,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[callback, timer],
-    )
     module = ShardedStudent(student=mlp(1024), alpha=0.9, temperature=4.0)
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    trainer, rate = timed_fit(strategy, 2, callback, module, epochs, samples)
     if trainer.global_rank == 0:
-        result = {"samples_per_s": timer.samples / timer.seconds, "teacher_bytes": callback.teacher_bytes}
-        out.write_text(json.dumps(result))
+        out.write_text(json.dumps({"samples_per_s": rate, "teacher_bytes": callback.teacher_bytes}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
