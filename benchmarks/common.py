@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -90,13 +91,18 @@ def quiet() -> None:
 
 
 def benchmark_trainer(
-    max_epochs: int, callbacks: list[L.Callback], limit_train_batches: int | float = 1.0
+    max_epochs: int,
+    callbacks: list[L.Callback],
+    limit_train_batches: int | float = 1.0,
+    strategy: Any = "auto",
+    devices: int = 1,
 ) -> L.Trainer:
     """A CPU Trainer with nothing but training: no logger, checkpoints, progress bar, summary or validation."""
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
-        devices=1,
+        strategy=strategy,
+        devices=devices,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -32,7 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import machine_description, start_run
+from common import benchmark_trainer, machine_description, start_run
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -73,18 +73,7 @@ def timed_fit(
     x = torch.randn(samples, FEATURES)
     y = (x[:, :CLASSES]).argmax(-1)
     timer = EpochTimer()
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=devices,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[callback, timer],
-    )
+    trainer = benchmark_trainer(epochs, [callback, timer], strategy=strategy, devices=devices)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
     return trainer, timer.samples / timer.seconds
 
