@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, FeatureMap, TeacherCache
-from lightning_distill.data import IndexedDataset
+from lightning_distill.data import Indexed, IndexedDataset
 from lightning_distill.losses.functional import kd_loss
 from lightning_distill.losses.functional.topk import topk_kd_loss, topk_log_probs
 from lightning_distill.schedules import LinearWarmup
@@ -169,6 +169,9 @@ def test_ddp_ranks_fill_their_own_rows_of_one_cache(tmp_path):
         (lambda p: TeacherCache(p, on_mismatch="fix"), ValueError, "`on_mismatch` must be 'refuse' or 'rebuild'"),
         (lambda p: IndexedDataset([1, 2], views=2), ValueError, "`views=2` without `augment`"),
         (lambda p: DistillationCallback(TinyTeacher(), cache=str(p)), TypeError, "`cache` must be a TeacherCache"),
+        (lambda p: TeacherCache(p, verify="yes"), TypeError, "`verify` must be True or False, got 'yes'"),
+        (lambda p: IndexedDataset([1, 2], views=0), ValueError, "`views` must be an int >= 1, got 0"),
+        (lambda p: IndexedDataset([1, 2], augment="flip"), TypeError, "`augment` must be a callable .* got str"),
     ],
 )
 def test_bad_cache_arguments_are_explained(tmp_path, make, error, match):
@@ -200,3 +203,29 @@ def test_a_cache_the_loss_cannot_use_is_refused_at_setup(tmp_path, top_k, module
 def test_batches_without_sample_identity_are_refused(tmp_path):
     with pytest.raises(TypeError, match=r"needs each batch's sample indices.*IndexedDataset\(dataset\)"):
         _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1, dataset=TensorDataset(*make_data(64)))
+
+
+class OutOfRange(torch.utils.data.Dataset):
+    """Claims 64 samples but labels one of them with index 64."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        x, y = make_data(64)
+        return Indexed(index=64 if i == 5 else i, view=0, sample=(x[i], y[i]))
+
+
+def test_a_sample_index_outside_the_cache_is_named(tmp_path):
+    with pytest.raises(IndexError, match=r"out of the cache's range \(64 samples x 1 views\): index \[64\]"):
+        _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1, dataset=OutOfRange())
+
+
+class SequenceTeacher(torch.nn.Module):
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return x[:, None, :4].expand(-1, 3, -1)  # (B, L=3, V=4) token logits
+
+
+def test_token_level_logits_are_not_cached(tmp_path):
+    with pytest.raises(ValueError, match=r"one logits row per sample, but the teacher returned \(16, 3, 4\)"):
+        _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1, teacher=SequenceTeacher())

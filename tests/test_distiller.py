@@ -141,6 +141,8 @@ def test_schedules_follow_the_loops_counters_and_resume_from_the_state_dict():
         ("no_example", ValueError, r"`on_train_begin` needs `example_inputs`"),
         ("bad_task_loss", TypeError, r"`student_loss` must be a scalar tensor"),
         ("shared", ValueError, "The teacher shares parameters with the student"),
+        ("not_a_module", TypeError, r"`student` must be a torch\.nn\.Module, got function"),
+        ("bad_epoch", ValueError, r"`epoch` must be a non-negative int, got -1"),
     ],
 )
 def test_bad_call_orders_are_explained(call, error, match):
@@ -155,6 +157,10 @@ def test_bad_call_orders_are_explained(call, error, match):
             distiller.on_train_begin(student)
         elif call == "shared":
             Distiller(student).on_train_begin(student)
+        elif call == "not_a_module":
+            distiller.on_train_begin(lambda x: x)  # type: ignore[arg-type]
+        elif call == "bad_epoch":
+            distiller.on_epoch_begin(-1)
         else:
             distiller.on_train_begin(student, example_inputs=x[:2])
             if call == "no_step_begin":
