@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_distill.cache import TeacherCache, cache_settings
+from lightning_distill.ensemble import TeacherMixture
 from lightning_distill.module import DistillModule
 from lightning_distill.outputs import example_inputs
 from lightning_distill.strategies import (
@@ -50,6 +51,10 @@ class DistillationCallback(L.Callback):
     Args:
         teacher: The teacher model; frozen and kept in eval mode. Its output must be logits (a tensor, ``.logits`` or
             ``["logits"]``) unless ``logits_layer`` is given.
+        teachers: Instead of ``teacher``, several teachers by name: the KD target is the weighted mixture of their
+            distributions at the module's temperature (:class:`~lightning_distill.ensemble.TeacherMixture`); feature
+            maps name their layers ``"<name>.<layer>"``.
+        weights: With ``teachers``: name -> weight (normalized to sum to 1); default equal.
         teacher_checkpoint: Optional Lightning ``.ckpt`` or plain ``state_dict`` file loaded strictly into
             ``teacher`` at construction (one wrapping prefix such as ``"net."`` is stripped when that makes it match).
         logits_layer: Optional dotted name of an inner teacher layer whose output are the logits (for a teacher that
@@ -92,8 +97,10 @@ class DistillationCallback(L.Callback):
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | None = None,
         *,
+        teachers: Mapping[str, nn.Module] | None = None,
+        weights: Mapping[str, float] | None = None,
         teacher_checkpoint: str | Path | None = None,
         logits_layer: str | None = None,
         run_on_validation: bool = True,
@@ -123,21 +130,31 @@ class DistillationCallback(L.Callback):
                 f"`teacher_sharding='shard'` spreads the teacher over every process's device, so it cannot also stay "
                 f"on `teacher_device={str(teacher_device)!r}`. HINT: drop one of the two options."
             )
+        if (teacher is None) == (teachers is None):
+            raise ValueError(
+                "Pass exactly one of `teacher` (one model) and `teachers` (a dict of models whose distributions are "
+                f"mixed), got teacher={type(teacher).__name__} and teachers={type(teachers).__name__}."
+            )
+        if teachers is not None:
+            teacher = TeacherMixture(teachers, weights)
+        elif weights is not None:
+            raise ValueError("`weights` weighs several `teachers`; with one `teacher` leave it None.")
+        assert teacher is not None
         self._runner = TeacherRunner(teacher, logits_layer, precision=teacher_precision, device=teacher_device)
         self.teacher_sharded = False
         if cache is not None and not isinstance(cache, TeacherCache):
             raise TypeError(f"`cache` must be a TeacherCache or None, got {type(cache).__name__}.")
         self.cache = cache
         if teacher_checkpoint is not None:
-            load_teacher_checkpoint(teacher, teacher_checkpoint)
+            load_teacher_checkpoint(self.teacher, teacher_checkpoint)
         self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
         self.run_on_validation = run_on_validation
         self.check_finite = check_finite
         self.allow_untested = allow_untested
-        self.fingerprint = teacher_fingerprint(teacher)
+        self.fingerprint = teacher_fingerprint(self.teacher)
         self._loaded_fingerprint: str | None = None
         # Lightning reads `state_key` on every hook call; the teacher's class and logits layer never change.
-        self._state_key = self._generate_state_key(teacher=type(teacher).__qualname__, logits_layer=logits_layer)
+        self._state_key = self._generate_state_key(teacher=_describe(self.teacher), logits_layer=logits_layer)
         self._first_batch_checked = False
 
     @property
@@ -190,7 +207,12 @@ class DistillationCallback(L.Callback):
         if stage != "fit":
             return
         if self.cache is not None:
-            _check_cacheable(self.cache, pl_module)
+            _check_cacheable(self.cache, pl_module, self.teacher)
+        if isinstance(self.teacher, TeacherMixture) and pl_module.divergence == "mse":
+            raise ValueError(
+                "divergence='mse' compares raw logits, which a mixture of teachers does not have. HINT: use a "
+                "divergence on probabilities ('kl', 'reverse_kl', 'js', 'soft_ce', 'dkd')."
+            )
         if any(m.key not in pl_module.projectors for m in pl_module.feature_maps):
             example = example_inputs(trainer, pl_module)
             teacher_features = None
@@ -219,6 +241,7 @@ class DistillationCallback(L.Callback):
     ) -> None:
         module = _as_distill_module(pl_module)
         inputs, target = module.split_batch(batch)
+        self._set_mixture_temperature(module)
         if self.cache is None:
             outputs = self._runner.run(inputs, trainer.precision_plugin.forward_context())
         else:
@@ -296,10 +319,15 @@ class DistillationCallback(L.Callback):
     on_test_batch_start = on_validation_batch_start
     on_test_batch_end = on_validation_batch_end
 
+    def _set_mixture_temperature(self, module: DistillModule) -> None:
+        if isinstance(self.teacher, TeacherMixture):
+            self.teacher.temperature = module.hparam_values()["temperature"]
+
     def _run_for_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if self.run_on_validation:
             module = _as_distill_module(pl_module)
             inputs, _ = module.split_batch(batch)
+            self._set_mixture_temperature(module)
             outputs = self._runner.run(inputs, trainer.precision_plugin.forward_context(), features=False)
             module.set_teacher_outputs(outputs)
 
@@ -337,8 +365,20 @@ def _as_distill_module(pl_module: L.LightningModule) -> DistillModule:
     return pl_module
 
 
-def _check_cacheable(cache: TeacherCache, module: DistillModule) -> None:
+def _describe(teacher: nn.Module) -> str:
+    """The teacher's class, or for a mixture each teacher's name and class (the callback's state key)."""
+    if isinstance(teacher, TeacherMixture):
+        return ",".join(f"{name}:{type(t).__qualname__}" for name, t in teacher.teachers.items())
+    return type(teacher).__qualname__
+
+
+def _check_cacheable(cache: TeacherCache, module: DistillModule, teacher: nn.Module) -> None:
     """Refuse a cache the module's loss could not use: features, or top-k with another divergence or a schedule."""
+    if isinstance(teacher, TeacherMixture):
+        raise ValueError(
+            "TeacherCache stores one teacher's logits; a mixture of teachers depends on the temperature and is not "
+            "cached. HINT: remove `cache=` or distill from one teacher."
+        )
     if module.feature_maps:
         raise ValueError(
             "TeacherCache stores the teacher's logits only, but the module has feature maps, which need the teacher's "

@@ -18,7 +18,9 @@ from lightning_distill.feature_map import FeatureMap, coerce_feature_maps
 from lightning_distill.losses.functional import (
     Divergence,
     check_alpha,
+    check_chunk_size,
     check_divergence,
+    check_js_beta,
     check_temperature,
     check_weight,
     cross_entropy,
@@ -27,8 +29,8 @@ from lightning_distill.losses.functional import (
     kd_loss,
 )
 from lightning_distill.losses.functional._common import _check_ignore_index
-from lightning_distill.losses.functional.topk import topk_kd_loss
-from lightning_distill.outputs import call_with_inputs, extract_logits
+from lightning_distill.losses.functional.topk import topk_distillation_terms
+from lightning_distill.outputs import attention_mask_of, call_with_inputs, extract_logits, next_token_view
 from lightning_distill.projectors import (
     build_projector,
     match_spatial,
@@ -38,7 +40,7 @@ from lightning_distill.projectors import (
 )
 from lightning_distill.schedules import Schedule, checked_schedule
 from lightning_distill.strategies import strategy_kind, unsharded_projectors
-from lightning_distill.teacher import TeacherOutputs, TopKTeacher
+from lightning_distill.teacher import TeacherOutputs
 from lightning_distill.training import (
     FactoryModule,
     LRSchedulerFactory,
@@ -79,6 +81,12 @@ class DistillModule(FactoryModule):
             ``projectors.<key>`` in the checkpoint, and left out by :meth:`export_student`.
         tckd_weight: Weight of DKD's target-class term (``divergence="dkd"`` only).
         nckd_weight: Weight of DKD's non-target-class term (``divergence="dkd"`` only).
+        js_beta: The teacher's weight in ``divergence="js"``'s mixture (GKD's generalized JSD), in ``(0, 1)``.
+        kd_chunk_size: Compute the KD term over at most this many positions at a time, so a large vocabulary's
+            float32 probabilities are never all alive (see :func:`~lightning_distill.losses.functional.kd_loss`).
+        shift_labels: For causal language models: logits at position t are scored against token t + 1 (labels are
+            the unshifted ``input_ids`` with ``-100`` where nothing is predicted). Sequence batches are dicts; their
+            ``attention_mask`` (when present) masks positions out of both terms and the metrics.
         optimizer: Builds the optimizer from the parameters, e.g. ``functools.partial(torch.optim.Adam, lr=1e-2)``.
             Default: Adam with learning rate 1e-3. Ignored when a subclass overrides ``configure_optimizers``.
         lr_scheduler: Optional; builds a scheduler (stepped every epoch) from the optimizer.
@@ -113,6 +121,9 @@ class DistillModule(FactoryModule):
         feature_maps: Sequence[FeatureMap | Mapping[str, Any]] | None = None,
         tckd_weight: float | Schedule = 1.0,
         nckd_weight: float | Schedule = 8.0,
+        js_beta: float = 0.5,
+        kd_chunk_size: int | None = None,
+        shift_labels: bool = False,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
         sync_dist: bool = False,
@@ -123,6 +134,11 @@ class DistillModule(FactoryModule):
         self.student = student
         self._divergence = check_divergence(divergence)
         self._ignore_index = _check_ignore_index(ignore_index)
+        self.js_beta = check_js_beta(js_beta)
+        self.kd_chunk_size = check_chunk_size(kd_chunk_size)
+        if not isinstance(shift_labels, bool):
+            raise TypeError(f"`shift_labels` must be True or False, got {shift_labels!r}.")
+        self.shift_labels = shift_labels
         self.feature_maps = coerce_feature_maps(feature_maps)
         self.schedules: dict[str, Schedule] = {
             "alpha": checked_schedule(alpha, "alpha", check_alpha, 0.0, 1.0),
@@ -266,6 +282,8 @@ class DistillModule(FactoryModule):
                 ``student_features`` while there are feature maps.
         """
         values = self.hparam_values()
+        if self.shift_labels:
+            student_logits, target, mask = next_token_view(student_logits, target, mask)
         if teacher_outputs is None:
             if values["alpha"] > 0.0 or self.feature_maps:
                 what = f"alpha={values['alpha']}" if values["alpha"] > 0.0 else f"{len(self.feature_maps)} feature maps"
@@ -281,11 +299,21 @@ class DistillModule(FactoryModule):
             task = cross_entropy(student_logits, target, mask=mask, ignore_index=self.ignore_index)
             return {"loss": task, "task_loss": task}
         if teacher_outputs.topk is not None:
-            terms = self._topk_terms(student_logits, teacher_outputs.topk, target, mask, values)
+            terms = topk_distillation_terms(
+                student_logits,
+                teacher_outputs.topk,
+                target,
+                mask,
+                self.ignore_index,
+                values["alpha"],
+                values["temperature"],
+                self.divergence,
+            )
         else:
+            teacher_logits = teacher_outputs.logits
             terms = distillation_loss_terms(
                 student_logits,
-                teacher_outputs.logits,
+                next_token_view(teacher_logits, None, None)[0] if self.shift_labels else teacher_logits,
                 target,
                 alpha=values["alpha"] if task_loss is None else 1.0,  # with a given task loss: only the KD term here
                 temperature=values["temperature"],
@@ -294,6 +322,8 @@ class DistillModule(FactoryModule):
                 ignore_index=self.ignore_index,
                 tckd_weight=values["tckd_weight"],
                 nckd_weight=values["nckd_weight"],
+                js_beta=self.js_beta,
+                chunk_size=self.kd_chunk_size,
             )
         if task_loss is not None:
             terms["task_loss"] = task_loss
@@ -311,24 +341,6 @@ class DistillModule(FactoryModule):
                 loss = loss + values[f"weight/{fmap.name}"] * term
             terms["loss"] = loss
         return terms
-
-    def _topk_terms(
-        self, student_logits: Tensor, topk: TopKTeacher, target: Tensor | None, mask: Tensor | None, values: dict
-    ) -> dict[str, Tensor]:
-        """Loss terms from a top-k cached teacher (KD with the tail as one bucket; see ``topk_kd_loss``)."""
-        if values["temperature"] != topk.temperature or self.divergence != "kl":
-            raise ValueError(
-                f"The cached top-k teacher was stored at temperature {topk.temperature} for divergence 'kl'; the module"
-                f" now uses temperature {values['temperature']} and divergence {self.divergence!r}. HINT: rebuild the "
-                "cache, or cache the full logits."
-            )
-        kd = topk_kd_loss(
-            student_logits, topk.values, topk.indices, topk.tail, topk.temperature, mask, target, self.ignore_index
-        )
-        if target is None:
-            return {"loss": values["alpha"] * kd, "task_loss": kd.new_zeros(()), "kd_loss": kd}
-        task = cross_entropy(student_logits, target, mask=mask, ignore_index=self.ignore_index)
-        return {"loss": values["alpha"] * kd + (1.0 - values["alpha"]) * task, "task_loss": task, "kd_loss": kd}
 
     def feature_term(
         self, fmap: FeatureMap, student_features: Mapping[str, Tensor], teacher_features: Mapping[str, Tensor]
@@ -493,7 +505,8 @@ class DistillModule(FactoryModule):
             features = self._student_capture.take()
         else:
             logits = self.student_logits(inputs)
-        terms = self.compute_loss(logits, self._teacher_outputs, target, student_features=features)
+        mask = attention_mask_of(inputs)
+        terms = self.compute_loss(logits, self._teacher_outputs, target, mask, student_features=features)
         self.log_train_terms(terms, batch_size=logits.shape[0])
         if self._scheduled:  # the same on every process: never synchronized
             values = self.hparam_values()
@@ -512,16 +525,22 @@ class DistillModule(FactoryModule):
         inputs, target = self.split_batch(batch)
         logits = self.student_logits(inputs)
         batch_size = logits.shape[0]
+        mask = attention_mask_of(inputs)
+        teacher = self._teacher_outputs
+        teacher_logits = None if teacher is None else teacher.logits
+        if self.shift_labels:
+            logits, target, mask = next_token_view(logits, target, mask)
+            teacher_logits = None if teacher_logits is None else next_token_view(teacher_logits, None, None)[0]
         preds = logits.argmax(-1)
-        counted = torch.ones_like(preds, dtype=torch.bool) if target is None else target != self.ignore_index
+        counted = torch.ones_like(preds, dtype=torch.bool) if mask is None else mask
         if target is not None:
-            loss = cross_entropy(logits, target, ignore_index=self.ignore_index)
+            counted = counted & (target != self.ignore_index)
+            loss = cross_entropy(logits, target, mask=mask, ignore_index=self.ignore_index)
             self.log(f"{stage}/loss", loss, batch_size=batch_size, sync_dist=True, prog_bar=stage == "val")
             self._log_rate(stage, dataloader_idx, "acc", preds == target, counted, prog_bar=stage == "val")
-        teacher = self._teacher_outputs
-        if teacher is None:
+        if teacher_logits is None:
             return
-        teacher_preds = teacher.logits.argmax(-1)
+        teacher_preds = teacher_logits.argmax(-1)
         self._log_rate(stage, dataloader_idx, "agreement", preds == teacher_preds, counted)
         if target is not None:
             self._log_rate(stage, dataloader_idx, "teacher_acc", teacher_preds == target, counted)
@@ -530,7 +549,7 @@ class DistillModule(FactoryModule):
         values = self.hparam_values()
         divergence = kd_loss(
             logits,
-            teacher.logits,
+            teacher_logits,
             temperature=values["temperature"],
             divergence=self.divergence,
             mask=counted,
@@ -538,6 +557,8 @@ class DistillModule(FactoryModule):
             ignore_index=self.ignore_index,
             tckd_weight=values["tckd_weight"],
             nckd_weight=values["nckd_weight"],
+            js_beta=self.js_beta,
+            chunk_size=self.kd_chunk_size,
         )
         self.log(f"{stage}/kd_loss", divergence, batch_size=batch_size, sync_dist=True)
 

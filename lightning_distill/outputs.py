@@ -125,3 +125,45 @@ def example_inputs(trainer: L.Trainer, module: Any) -> Any:
     with torch.random.fork_rng(devices=[]):
         batch = next(iter(datamodule.train_dataloader()))
     return module.split_batch(batch)[0]
+
+
+def attention_mask_of(inputs: Any) -> Tensor | None:
+    """The positions that count for a sequence batch: ``inputs["attention_mask"]`` as bool, or ``None``.
+
+    Example::
+
+        >>> attention_mask_of({"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])})
+        tensor([[ True,  True, False]])
+    """
+    if isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), Tensor):
+        return inputs["attention_mask"].bool()
+    return None
+
+
+def next_token_view(
+    logits: Tensor, target: Tensor | None, mask: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Align a causal LM's outputs with what they predict: logits at position t score token t + 1.
+
+    Returns ``logits[..., :-1, :]``, ``target[..., 1:]`` and ``mask[..., 1:]`` (a position counts when the token it
+    predicts is real).
+
+    Raises:
+        ValueError: For logits without a sequence dimension.
+
+    Example::
+
+        >>> z, y, m = next_token_view(torch.zeros(2, 5, 7), torch.zeros(2, 5, dtype=torch.long), None)
+        >>> z.shape, y.shape, m
+        (torch.Size([2, 4, 7]), torch.Size([2, 4]), None)
+    """
+    if logits.ndim < 3:
+        raise ValueError(
+            f"`shift_labels=True` needs sequence logits (B, L, V), got {tuple(logits.shape)}. HINT: shift_labels is "
+            "for causal language models; leave it False for classification."
+        )
+    return (
+        logits[..., :-1, :],
+        None if target is None else target[..., 1:],
+        None if mask is None else mask[..., 1:],
+    )

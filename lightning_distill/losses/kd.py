@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from lightning_distill.losses.functional import (
     Divergence,
     check_alpha,
+    check_chunk_size,
     check_divergence,
+    check_js_beta,
     check_temperature,
     check_weight,
     distillation_loss_terms,
@@ -37,6 +39,8 @@ class KDLoss(nn.Module):
             ``"dkd"`` (decoupled KD; ``forward`` then needs ``target``).
         tckd_weight: Weight of DKD's target-class term, ``>= 0``; only used by ``"dkd"``.
         nckd_weight: Weight of DKD's non-target-class term, ``>= 0``; only used by ``"dkd"``.
+        js_beta: The teacher's weight in ``"js"``'s mixture, in ``(0, 1)``; only used by ``"js"``.
+        chunk_size: Compute the KD term over at most this many positions at a time (large vocabularies).
 
     Raises:
         ValueError: If ``temperature`` is not finite and positive, ``divergence`` is unknown or a DKD weight is
@@ -63,6 +67,8 @@ class KDLoss(nn.Module):
         divergence: Divergence = "kl",
         tckd_weight: float = 1.0,
         nckd_weight: float = 8.0,
+        js_beta: float = 0.5,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
@@ -70,6 +76,8 @@ class KDLoss(nn.Module):
         self.divergence: Divergence = divergence
         self.tckd_weight = check_weight("tckd_weight", tckd_weight)
         self.nckd_weight = check_weight("nckd_weight", nckd_weight)
+        self.js_beta = check_js_beta(js_beta)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, target: Tensor | None = None
@@ -88,6 +96,8 @@ class KDLoss(nn.Module):
             target=target,
             tckd_weight=self.tckd_weight,
             nckd_weight=self.nckd_weight,
+            js_beta=self.js_beta,
+            chunk_size=self.chunk_size,
         )
 
     def extra_repr(self) -> str:
@@ -108,6 +118,8 @@ class DistillationLoss(nn.Module):
         ignore_index: Target value whose positions are left out of both terms.
         tckd_weight: Weight of DKD's target-class term, ``>= 0``; only used by ``"dkd"``.
         nckd_weight: Weight of DKD's non-target-class term, ``>= 0``; only used by ``"dkd"``.
+        js_beta: The teacher's weight in ``"js"``'s mixture, in ``(0, 1)``; only used by ``"js"``.
+        chunk_size: Compute the KD term over at most this many positions at a time (large vocabularies).
 
     Raises:
         ValueError: If a hyper-parameter is out of range.
@@ -135,6 +147,8 @@ class DistillationLoss(nn.Module):
         ignore_index: int = -100,
         tckd_weight: float = 1.0,
         nckd_weight: float = 8.0,
+        js_beta: float = 0.5,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.alpha = check_alpha(alpha)
@@ -144,6 +158,8 @@ class DistillationLoss(nn.Module):
         self.ignore_index = _check_ignore_index(ignore_index)
         self.tckd_weight = check_weight("tckd_weight", tckd_weight)
         self.nckd_weight = check_weight("nckd_weight", nckd_weight)
+        self.js_beta = check_js_beta(js_beta)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def terms(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, mask: Tensor | None = None
@@ -163,6 +179,8 @@ class DistillationLoss(nn.Module):
             ignore_index=self.ignore_index,
             tckd_weight=self.tckd_weight,
             nckd_weight=self.nckd_weight,
+            js_beta=self.js_beta,
+            chunk_size=self.chunk_size,
         )
 
     def forward(

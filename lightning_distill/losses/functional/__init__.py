@@ -26,7 +26,9 @@ is ``alpha=1 - a`` here.
 from lightning_distill.losses.functional._common import (
     Divergence,
     check_alpha,
+    check_chunk_size,
     check_divergence,
+    check_js_beta,
     check_temperature,
     check_weight,
 )
@@ -55,8 +57,10 @@ __all__ = [
     "attention_map",
     "attention_transfer_loss",
     "check_alpha",
+    "check_chunk_size",
     "check_divergence",
     "check_feature_loss",
+    "check_js_beta",
     "check_temperature",
     "check_weight",
     "cosine_feature_loss",

@@ -86,6 +86,30 @@ def check_weight(name: str, value: float) -> float:
     return float(value)
 
 
+def check_js_beta(beta: float) -> float:
+    """Return ``beta`` as a float if it is a finite number in ``(0, 1)``; raise ``ValueError`` naming it otherwise.
+
+    Example::
+
+        >>> check_js_beta(0.9)
+        0.9
+    """
+    if not _is_real_number(beta) or not 0.0 < float(beta) < 1.0:
+        raise ValueError(
+            f"`js_beta` must be a number in (0, 1) (the teacher's weight in the JSD mixture), got {beta!r}. HINT: "
+            "0.5 is the symmetric Jensen-Shannon divergence; for pure forward or reverse KL use divergence='kl' or "
+            "'reverse_kl'."
+        )
+    return float(beta)
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """Return ``chunk_size`` if it is ``None`` or a positive int; raise ``ValueError`` naming it otherwise."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be None or a positive int (positions per chunk), got {chunk_size!r}.")
+    return chunk_size
+
+
 def check_divergence(divergence: str) -> Divergence:
     """Validate the name of a divergence and return it.
 
@@ -144,7 +168,13 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
     if student_logits.shape == teacher_logits.shape:
         return
     s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
-    if s_shape[-1] != t_shape[-1]:
+    if s_shape[-1] != t_shape[-1] and len(s_shape) >= 3:
+        why = (
+            f"their vocabularies differ ({s_shape[-1]} vs {t_shape[-1]} tokens); nothing is truncated. HINT: the "
+            "teacher and the student must share a tokenizer; if one only pads its embedding matrix, slice its logits "
+            "to the shared vocabulary yourself."
+        )
+    elif s_shape[-1] != t_shape[-1]:
         why = (
             f"class counts differ ({s_shape[-1]} vs {t_shape[-1]}). HINT: the teacher and the student must score the "
             "same label set in the same order; slice or project the teacher's logits first."
@@ -265,8 +295,10 @@ def _log_probs(logits: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(scaled, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
 
 
-def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``log((p + q) / 2)``: the two-term logsumexp minus log 2, written so that ``p == q`` gives ``log p`` exactly."""
+def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
+    """``log(beta * p + (1 - beta) * q)``; for ``beta = 0.5`` written so that ``p == q`` gives ``log p`` exactly."""
+    if beta != 0.5:
+        return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     # log((e^a + e^b) / 2) = max(a, b) + log((1 + e^-|a-b|) / 2) = max(a, b) + log1p(expm1(-|a-b|) / 2)
     return torch.maximum(log_p, log_q) + torch.log1p(0.5 * torch.expm1(-(log_p - log_q).abs()))
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (the doctests use it)
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from lightning_distill.losses.functional._common import (
     Divergence,
@@ -17,13 +18,16 @@ from lightning_distill.losses.functional._common import (
     _compute_dtype,
     _counted_rows,
     _cross_entropy_mean,
+    _keep,
     _kl_sum,
     _log_mixture,
     _log_probs,
     _rows,
     _select,
     check_alpha,
+    check_chunk_size,
     check_divergence,
+    check_js_beta,
     check_temperature,
     check_weight,
 )
@@ -32,7 +36,9 @@ from lightning_distill.losses.functional.dkd import _check_dkd_inputs, _dkd_mean
 __all__ = ["cross_entropy", "distillation_loss", "distillation_loss_terms", "kd_loss"]
 
 
-def _divergence_mean(student: Tensor, teacher: Tensor, temperature: float, divergence: Divergence) -> Tensor:
+def _divergence_mean(
+    student: Tensor, teacher: Tensor, temperature: float, divergence: Divergence, js_beta: float = 0.5
+) -> Tensor:
     """Mean over the ``(N, C)`` rows (already selected and upcast) of the distillation loss, with the T² factor.
 
     No rows give a zero that is still attached to the graph. KL and JS are clamped at 0 so rounding never yields a
@@ -49,9 +55,9 @@ def _divergence_mean(student: Tensor, teacher: Tensor, temperature: float, diver
         total = _kl_sum(log_t, log_s)
     elif divergence == "reverse_kl":
         total = _kl_sum(log_s, log_t)
-    else:  # "js"
-        log_m = _log_mixture(log_t, log_s)
-        total = 0.5 * (_kl_sum(log_t, log_m) + _kl_sum(log_s, log_m))
+    else:  # "js" (generalized with js_beta, GKD's JSD(beta))
+        log_m = _log_mixture(log_t, log_s, js_beta)
+        total = js_beta * _kl_sum(log_t, log_m) + (1.0 - js_beta) * _kl_sum(log_s, log_m)
     return (total * scale).clamp(min=0.0)
 
 
@@ -63,13 +69,60 @@ def _kd_terms(
     divergence: Divergence,
     tckd_weight: float,
     nckd_weight: float,
+    js_beta: float = 0.5,
 ) -> dict[str, Tensor]:
     """``{"kd_loss"}`` over the selected ``(N, C)`` rows; ``"dkd"`` adds its unweighted ``tckd_loss``, ``nckd_loss``."""
     if divergence != "dkd":
-        return {"kd_loss": _divergence_mean(student, teacher, temperature, divergence)}
+        return {"kd_loss": _divergence_mean(student, teacher, temperature, divergence, js_beta)}
     assert target is not None  # checked by _check_dkd_inputs
     tckd, nckd = _dkd_means(student, teacher, target, temperature)
     return {"kd_loss": tckd_weight * tckd + nckd_weight * nckd, "tckd_loss": tckd, "nckd_loss": nckd}
+
+
+def _check_chunking(chunk_size: int | None, divergence: Divergence) -> int | None:
+    chunk_size = check_chunk_size(chunk_size)
+    if chunk_size is not None and divergence == "dkd":
+        raise ValueError("`chunk_size` is not supported with divergence='dkd'. HINT: pass chunk_size=None.")
+    return chunk_size
+
+
+def _chunk_sum(
+    student: Tensor, teacher: Tensor, keep: Tensor | None, temperature: float, divergence: Divergence, js_beta: float
+) -> Tensor:
+    """Sum over the counted rows of one chunk of the divergence (with T²); the float32 copies live only here."""
+    if keep is not None:
+        student, teacher = student[keep], teacher[keep]
+    dtype = _compute_dtype(student, teacher)
+    rows = student.shape[0]
+    return _divergence_mean(student.to(dtype), teacher.to(dtype), temperature, divergence, js_beta) * rows
+
+
+def _chunked_kd_mean(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    keep: Tensor | None,
+    temperature: float,
+    divergence: Divergence,
+    js_beta: float,
+    chunk_size: int,
+) -> Tensor:
+    """The KD mean over counted positions, ``chunk_size`` positions at a time.
+
+    Each chunk's upcast copies and softmaxes are made inside ``torch.utils.checkpoint``, so they are freed after its
+    forward and recomputed in backward: at most one chunk's ``(chunk_size, C)`` float32 intermediates are alive,
+    never the whole ``(N, C)``. The result equals the unchunked mean up to summation order.
+    """
+    classes = student_logits.shape[-1]
+    flat_s, flat_t = student_logits.reshape(-1, classes), teacher_logits.reshape(-1, classes)
+    count = flat_s.shape[0] if keep is None else int(keep.sum())
+    recompute = torch.is_grad_enabled() and (flat_s.requires_grad or flat_t.requires_grad)
+    total = flat_s.new_zeros((), dtype=_compute_dtype(flat_s, flat_t))
+    for start in range(0, flat_s.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        args = (flat_s[part], flat_t[part], None if keep is None else keep[part], temperature, divergence, js_beta)
+        chunk = checkpoint(_chunk_sum, *args, use_reentrant=False) if recompute else _chunk_sum(*args)
+        total = total + chunk
+    return total / max(count, 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -86,6 +139,8 @@ def kd_loss(
     ignore_index: int = -100,
     tckd_weight: float = 1.0,
     nckd_weight: float = 8.0,
+    js_beta: float = 0.5,
+    chunk_size: int | None = None,
 ) -> Tensor:
     r"""Distillation loss between student and teacher logits, averaged over the counted positions.
 
@@ -108,8 +163,11 @@ def kd_loss(
       (``neural_compressor/compression/distillation/criterions.py``). It differs from ``"kl"`` by the teacher's
       entropy, a constant for the student, so the student's gradients are the same but the value is not zero
       when the distributions match.
-    - ``"js"``: Jensen-Shannon, :math:`\tfrac12 \mathrm{KL}(p_t \| m) + \tfrac12 \mathrm{KL}(p_s \| m)` with
-      :math:`m = (p_t + p_s) / 2` formed in log space.
+    - ``"js"``: generalized Jensen-Shannon (GKD's JSD(β), Agarwal et al., 2024),
+      :math:`\beta \, \mathrm{KL}(p_t \| m) + (1 - \beta) \, \mathrm{KL}(p_s \| m)` with
+      :math:`m = \beta p_t + (1 - \beta) p_s` formed in log space; ``js_beta`` :math:`= \beta`, default 0.5 (the
+      symmetric Jensen-Shannon divergence). Small β leans to the teacher's support (forward-KL-like), large β to
+      the student's.
     - ``"mse"``: the squared difference of the **raw** logits, averaged over counted positions *and* classes:
       :math:`\frac{1}{|\mathcal{P}| C} \sum_{i, c} (z_{s,c}^{(i)} - z_{t,c}^{(i)})^2`. No temperature and no
       :math:`T^2` (``temperature`` is ignored).
@@ -129,6 +187,10 @@ def kd_loss(
         ignore_index: Target value whose positions are skipped; unused without ``target``.
         tckd_weight: Weight :math:`w_{TC} \ge 0` of DKD's target-class term; only used by ``"dkd"``.
         nckd_weight: Weight :math:`w_{NC} \ge 0` of DKD's non-target-class term; only used by ``"dkd"``.
+        js_beta: The teacher's weight :math:`\beta \in (0, 1)` in ``"js"``'s mixture; only used by ``"js"``.
+        chunk_size: Compute the divergence over at most this many positions at a time (large vocabularies): the
+            float32 probabilities of one chunk are alive at a time, in forward and (recomputed) in backward. Not for
+            ``"dkd"``. ``None`` (default): all positions at once.
 
     Returns:
         A scalar tensor, float32 (float64 if an input is float64). Zero when no position counts.
@@ -164,8 +226,14 @@ def kd_loss(
         _check_dkd_inputs(target, student_logits.shape[-1])
     if target is not None:
         _check_target(target, lead_shape)
+    js_beta = check_js_beta(js_beta)
+    chunk = _check_chunking(chunk_size, divergence)
+    if chunk is not None:
+        keep = _keep(target, mask, ignore_index, student_logits.device)
+        return _chunked_kd_mean(student_logits, teacher_logits, keep, temperature, divergence, js_beta, chunk)
     student, teacher, target_rows = _counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
-    return _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight)["kd_loss"]
+    terms = _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight, js_beta)
+    return terms["kd_loss"]
 
 
 def cross_entropy(
@@ -230,6 +298,8 @@ def distillation_loss_terms(
     ignore_index: int = -100,
     tckd_weight: float = 1.0,
     nckd_weight: float = 8.0,
+    js_beta: float = 0.5,
+    chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
     r"""The distillation objective and its two parts.
 
@@ -257,6 +327,9 @@ def distillation_loss_terms(
         ignore_index: Target value whose positions are left out of both terms.
         tckd_weight: Weight of DKD's target-class term, ``>= 0``; only used by ``"dkd"``.
         nckd_weight: Weight of DKD's non-target-class term, ``>= 0``; only used by ``"dkd"``.
+        js_beta: The teacher's weight in ``"js"``'s mixture, in ``(0, 1)`` (see :func:`kd_loss`).
+        chunk_size: Compute the KD term over at most this many positions at a time (see :func:`kd_loss`); the
+            cross-entropy term is not chunked.
 
     Returns:
         ``{"loss": ..., "task_loss": ..., "kd_loss": ...}``, scalar tensors (float32, or float64 for float64
@@ -296,8 +369,19 @@ def distillation_loss_terms(
     else:
         _check_target(target, lead_shape)
 
+    js_beta = check_js_beta(js_beta)
+    chunk = _check_chunking(chunk_size, divergence)
+    if chunk is not None:
+        keep = _keep(target, mask, ignore_index, student_logits.device)
+        kd = _chunked_kd_mean(student_logits, teacher_logits, keep, temperature, divergence, js_beta, chunk)
+        task = (
+            kd.new_zeros(())
+            if target is None
+            else cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
+        )
+        return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd}
     student, teacher, target_rows = _counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
-    terms = _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight)
+    terms = _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight, js_beta)
     kd = terms.pop("kd_loss")
     task = kd.new_zeros(()) if target_rows is None else _cross_entropy_mean(student, target_rows)
     return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd, **terms}
@@ -315,6 +399,8 @@ def distillation_loss(
     ignore_index: int = -100,
     tckd_weight: float = 1.0,
     nckd_weight: float = 8.0,
+    js_beta: float = 0.5,
+    chunk_size: int | None = None,
 ) -> Tensor:
     r"""The distillation objective :math:`\alpha \mathcal{L}_{KD} + (1 - \alpha) \mathcal{L}_{CE}` as one scalar.
 
@@ -335,6 +421,8 @@ def distillation_loss(
         ignore_index: Target value whose positions are left out of both terms.
         tckd_weight: Weight of DKD's target-class term; only used by ``"dkd"``.
         nckd_weight: Weight of DKD's non-target-class term; only used by ``"dkd"``.
+        js_beta: The teacher's weight in ``"js"``'s mixture (see :func:`kd_loss`).
+        chunk_size: Compute the KD term over at most this many positions at a time (see :func:`kd_loss`).
 
     Returns:
         A scalar tensor.
@@ -363,4 +451,6 @@ def distillation_loss(
         ignore_index=ignore_index,
         tckd_weight=tckd_weight,
         nckd_weight=nckd_weight,
+        js_beta=js_beta,
+        chunk_size=chunk_size,
     )["loss"]

@@ -22,10 +22,16 @@ with :math:`\hat p, \hat s` the two distributions renormalized over the classes 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from lightning_distill.losses.functional._common import _check_mask, _keep, check_temperature
+from lightning_distill.losses.functional.logits import cross_entropy
+
+if TYPE_CHECKING:
+    from lightning_distill.teacher import TopKTeacher
 
 
 def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -100,3 +106,32 @@ def topk_kd_loss(
     # no class outside the top-k (k = C): the tail is empty, whatever rounding left in `tail`
     bucket = torch.where(log_s_tail.isfinite(), torch.xlogy(tail, tail) - tail * log_s_tail, torch.zeros_like(tail))
     return temperature**2 * (head + bucket).mean()
+
+
+def topk_distillation_terms(
+    student_logits: Tensor,
+    topk: TopKTeacher,
+    target: Tensor | None,
+    mask: Tensor | None,
+    ignore_index: int,
+    alpha: float,
+    temperature: float,
+    divergence: str,
+) -> dict[str, Tensor]:
+    """``{"loss", "task_loss", "kd_loss"}`` from a top-k teacher: ``alpha * topk_kd_loss + (1 - alpha) * CE``.
+
+    Raises:
+        ValueError: If ``temperature`` or ``divergence`` differ from what the top-k teacher was stored for
+            (its temperature, ``"kl"``).
+    """
+    if temperature != topk.temperature or divergence != "kl":
+        raise ValueError(
+            f"The cached top-k teacher was stored at temperature {topk.temperature} for divergence 'kl'; the loss now "
+            f"uses temperature {temperature} and divergence {divergence!r}. HINT: rebuild the cache, or cache the "
+            "full logits."
+        )
+    kd = topk_kd_loss(student_logits, topk.values, topk.indices, topk.tail, temperature, mask, target, ignore_index)
+    if target is None:
+        return {"loss": alpha * kd, "task_loss": kd.new_zeros(()), "kd_loss": kd}
+    task = cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
+    return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd}
