@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_distill.feature_map import FeatureMap
 from lightning_distill.losses.functional import Divergence
 from lightning_distill.module import DistillModule
-from lightning_distill.outputs import extract_logits
+from lightning_distill.outputs import attention_mask_of, extract_logits
 from lightning_distill.schedules import Schedule
 from lightning_distill.teacher import TeacherOutputs, TeacherPrecision, TeacherRunner, load_teacher_checkpoint
 
@@ -86,7 +86,8 @@ class Distiller(nn.Module):
 
     Args:
         teacher: The teacher model (frozen here; never trained).
-        alpha, temperature, divergence, ignore_index, feature_maps, tckd_weight, nckd_weight: As in
+        alpha, temperature, divergence, ignore_index, feature_maps, tckd_weight, nckd_weight, js_beta,
+            kd_chunk_size, shift_labels: As in
             :class:`~lightning_distill.DistillModule`; a schedule advances with ``loss`` calls (steps) and
             ``on_epoch_end`` (epochs).
         logits_layer, teacher_checkpoint, teacher_precision, teacher_device: As in
@@ -118,6 +119,9 @@ class Distiller(nn.Module):
         feature_maps: Sequence[FeatureMap | Mapping[str, Any]] | None = None,
         tckd_weight: float | Schedule = 1.0,
         nckd_weight: float | Schedule = 8.0,
+        js_beta: float = 0.5,
+        kd_chunk_size: int | None = None,
+        shift_labels: bool = False,
         logits_layer: str | None = None,
         teacher_checkpoint: str | Path | None = None,
         teacher_precision: TeacherPrecision | None = None,
@@ -132,6 +136,9 @@ class Distiller(nn.Module):
             feature_maps=feature_maps,
             tckd_weight=tckd_weight,
             nckd_weight=nckd_weight,
+            js_beta=js_beta,
+            kd_chunk_size=kd_chunk_size,
+            shift_labels=shift_labels,
         )
         self._runner = TeacherRunner(teacher, logits_layer, precision=teacher_precision, device=teacher_device)
         if teacher_checkpoint is not None:
@@ -256,7 +263,7 @@ class Distiller(nn.Module):
             inputs: The inputs the student ran on (a tensor, or a mapping passed as keyword arguments).
             student_output: The student's output: logits, or an object with ``.logits`` / ``["logits"]``.
             target: Class indices, or ``None`` for pure distillation (``alpha`` must be 1).
-            mask: Optional bool tensor of the positions that count.
+            mask: Optional bool tensor of the positions that count; by default a dict batch's ``attention_mask``.
 
         Raises:
             RuntimeError: If called before ``on_train_begin``, or with feature maps without ``on_step_begin`` before
@@ -294,6 +301,7 @@ class Distiller(nn.Module):
             self._step_open = False
             features = self.engine._student_capture.take()
         logits = extract_logits(student_output, role="student")
+        mask = attention_mask_of(inputs) if mask is None else mask  # sequence batches: padding never counts
         teacher = self.teacher_outputs(inputs)
         terms = self.engine.compute_loss(logits, teacher, target, mask, student_features=features, task_loss=task_loss)
         self.last_terms = {name: value.detach() for name, value in terms.items()}

@@ -73,3 +73,12 @@ def test_cache_quick_runs_and_prints_the_table() -> None:
     for row in ("| student alone |", "| uncached KD |", "| cached KD (full logits) |", "| cached KD (top-3) |"):
         assert row in out
     assert "| cached KD (full logits) |" in out and "| 25 |" in out  # 10 float16 logits + CRC-32 + flag
+
+
+@pytest.mark.slow
+def test_sequence_quick_runs_and_prints_both_tables() -> None:
+    out = run_quick("sequence.py")
+    assert "| variant | peak RSS above the logits, MB | median ms |" in out
+    assert "| naive |" in out and "| chunked (256 positions) |" in out
+    for row in ("| the chain itself", "| teacher (dim 64", "| student alone", "| student distilled"):
+        assert row in out

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_distill import DistillationCallback, DistillModule, TeacherCache, TeacherOutputs
+from lightning_distill import DistillationCallback, Distiller, DistillModule, TeacherCache, TeacherOutputs
 from lightning_distill.data.markov import MarkovDataset, MarkovLanguage
 from lightning_distill.ensemble import TeacherMixture
 from lightning_distill.losses.functional import distillation_loss_terms, kd_loss
@@ -64,9 +64,10 @@ def test_token_kd_with_padding_labels_matches_an_independent_loop(divergence):
 def test_chunked_equals_unchunked_in_value_and_gradient(divergence, chunk_size):
     s, t, target, mask = random_logits(SHAPE, seed=3)
     s.requires_grad_(True)
+    t.requires_grad_(True)  # gradients flow into both logits, chunked or not
     kwargs = dict(temperature=2.0, divergence=divergence, mask=mask, target=target, js_beta=0.3)
     whole, chunked = kd_loss(s, t, **kwargs), kd_loss(s, t, chunk_size=chunk_size, **kwargs)
-    (g_whole,), (g_chunked,) = torch.autograd.grad(whole, s), torch.autograd.grad(chunked, s)
+    g_whole, g_chunked = torch.autograd.grad(2 * whole, (s, t)), torch.autograd.grad(2 * chunked, (s, t))
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g_chunked, g_whole, rtol=1e-5, atol=1e-8)
 
@@ -259,3 +260,25 @@ def test_a_transformers_model_distills_through_the_same_module(tmp_path):
     module = DistillModule(student=student, alpha=0.5, temperature=2.0, shift_labels=True)
     loader = DataLoader(MarkovDataset(MarkovLanguage(16, 2, seed=0), num_sequences=8, max_length=12), batch_size=4)
     make_trainer(tmp_path, limit_val_batches=0, callbacks=[DistillationCallback(teacher)]).fit(module, loader)
+
+
+def test_the_loop_api_gives_the_modules_sequence_loss():
+    torch.manual_seed(0)
+    batch = _lm_batch()
+    student, teacher = TinyCausalLM(vocab_size=16, dim=16, heads=2), TinyCausalLM(vocab_size=16, dim=32, heads=2)
+    kwargs = dict(alpha=0.4, temperature=2.0, divergence="js", js_beta=0.3, kd_chunk_size=5, shift_labels=True)
+    module = DistillModule(student=student, **kwargs)
+    distiller = Distiller(teacher, **kwargs)
+    distiller.on_train_begin(student)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    out = student(**inputs)
+    expected = module.compute_loss(out, TeacherOutputs(teacher(**inputs)), batch["labels"], attention_mask_of(inputs))
+    assert distiller.loss(inputs, out, batch["labels"]).item() == pytest.approx(expected["loss"].item(), rel=1e-6)
+
+
+def test_the_chunked_loss_refuses_a_second_backward():
+    student = torch.randn(2, 5, 40, requires_grad=True)
+    loss = kd_loss(student, torch.randn(2, 5, 40), chunk_size=3)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated twice"):
+        loss.backward()
