@@ -82,3 +82,12 @@ def test_sequence_quick_runs_and_prints_both_tables() -> None:
     assert "| naive |" in out and "| chunked (256 positions) |" in out
     for row in ("| the chain itself", "| teacher (dim 64", "| student alone", "| student distilled"):
         assert row in out
+
+
+@pytest.mark.slow
+def test_quantization_quick_runs_and_prints_both_tables() -> None:
+    out = run_quick("quantization.py")
+    assert "| model | test acc % (mean ± std, exported) | KD gain (pts) | vs float (pts) |" in out
+    assert "| model | weights KiB | latency ms, batch 1 (median) | latency ms, batch 1000 (median) |" in out
+    for row in ("| 8-bit, QAT alone", "| 8-bit, QAT + KD", "| 4-bit, QAT alone", "| 4-bit, QAT + KD", "| int8 (8-bit"):
+        assert row in out

@@ -1,0 +1,148 @@
+"""Quantization-aware distillation on MNIST-1D: the MNN recipe, QAT alone vs QAT + KD, int8 size and CPU latency.
+
+What is measured: a float teacher (``MNIST1DTeacher``, 32 channels, 30 epochs, Adam 5e-3, batch 100) is distilled
+into its own fake-quantized copy (``quantization_aware(copy of the teacher, bits=B)``, the MNN recipe: same
+architecture, initialized from the teacher) for ``--epochs`` epochs (Adam 1e-3, observers frozen for the last two),
+either with cross-entropy only ("QAT alone", ``alpha=0``) or with KD (``alpha=0.9, temperature=20,
+divergence="reverse_kl"``), for B = 8 and 4 bits and ``--seeds`` seeds. Test accuracy is on the 1000 MNIST-1D test
+samples, of the exported int8 model (``export_quantized``). Size: ``model_bytes`` of the float model and the int8
+one. Latency: median time of a forward pass at batch 1 and batch 1000, float vs int8, one torch thread.
+
+Run from the repository root::
+
+    python benchmarks/quantization.py            # ~3 min on 2 cores
+    python benchmarks/quantization.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from cache import accuracy, data
+from common import benchmark_trainer, machine_description, start_run
+from torch.utils.data import DataLoader
+
+from lightning_distill import DistillationCallback, DistillModule
+from lightning_distill.models import MNIST1DTeacher
+from lightning_distill.quantization import FreezeQuantization, export_quantized, model_bytes, quantization_aware
+
+
+def train_float(train: torch.utils.data.Dataset, epochs: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    teacher = MNIST1DTeacher()
+    module = DistillModule(student=teacher, alpha=0.0, optimizer=functools.partial(torch.optim.Adam, lr=5e-3))
+    benchmark_trainer(epochs, []).fit(module, DataLoader(train, batch_size=100, shuffle=True))
+    return teacher.eval()
+
+
+def qat(teacher: torch.nn.Module, train, bits: int, kd: bool, epochs: int, seed: int) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    student = quantization_aware(copy.deepcopy(teacher), bits=bits)
+    module = DistillModule(
+        student=student,
+        alpha=0.9 if kd else 0.0,
+        temperature=20.0,
+        divergence="reverse_kl",
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+    )
+    callbacks = [FreezeQuantization(observers_after=max(epochs - 2, 1), batchnorm_after=max(epochs - 2, 1))]
+    if kd:
+        callbacks.append(DistillationCallback(teacher))
+    loader = DataLoader(train, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    benchmark_trainer(epochs, callbacks).fit(module, loader)
+    return export_quantized(student)
+
+
+def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    model.eval()
+    times = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=200, help="latency repetitions")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, teacher 2 epochs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.teacher_epochs, args.repeats = 1, 1, 2, 10
+    if args.seeds < 1 or args.epochs < 1 or args.teacher_epochs < 1:
+        parser.error("need --seeds, --epochs and --teacher-epochs >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = start_run("quantization.py", argv, threads=1)
+    train, x_test, y_test = data()
+    teacher = train_float(train, args.teacher_epochs)
+    float_acc = 100 * accuracy(teacher, x_test, y_test)
+    run.log(f"float teacher {float_acc:.1f} %")
+    results: dict[tuple[int, bool], list[float]] = {}
+    int8_model = None
+    for bits in (8, 4):
+        for seed in range(args.seeds):
+            for kd in (False, True) if seed % 2 == 0 else (True, False):
+                exported = qat(teacher, train, bits, kd, args.epochs, seed)
+                results.setdefault((bits, kd), []).append(100 * accuracy(exported, x_test, y_test))
+                run.log(f"{bits}-bit seed {seed} {'QAT + KD' if kd else 'QAT alone'}: {results[(bits, kd)][-1]:.1f} %")
+                if bits == 8 and kd:
+                    int8_model = exported
+    assert int8_model is not None
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+    rows = [f"| float teacher (the recipe's float model) | {float_acc:.1f} | | |"]
+    for bits in (8, 4):
+        alone, kd = results[(bits, False)], results[(bits, True)]
+        gain = statistics.mean(kd) - statistics.mean(alone)
+        rows.append(f"| {bits}-bit, QAT alone (CE) | {cell(alone)} | | |")
+        rows.append(
+            f"| {bits}-bit, QAT + KD (alpha 0.9, T 20, reverse KL) | {cell(kd)} | {gain:+.1f} | "
+            f"{statistics.mean(kd) - float_acc:+.1f} |"
+        )
+    one, many = x_test[:1], x_test
+    latency = [
+        f"| {name} | {model_bytes(model) / 1024:.1f} | {latency_ms(model, one, args.repeats):.3f} | "
+        f"{latency_ms(model, many, max(args.repeats // 10, 3)):.2f} |"
+        for name, model in (("float32", teacher), ("int8 (8-bit QAT + KD, exported)", int8_model))
+    ]
+    gap = statistics.mean(results[(8, True)]) - float_acc
+    lines = [
+        f"## Quantization-aware distillation on MNIST-1D: `{run.command}`",
+        "",
+        *machine_description(1, run.load_at_start),
+        "",
+        "| model | test acc % (mean ± std, exported) | KD gain (pts) | vs float (pts) |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+        "| model | weights KiB | latency ms, batch 1 (median) | latency ms, batch 1000 (median) |",
+        "|---|---:|---:|---:|",
+        *latency,
+        "",
+        f"{args.seeds} seed(s), {args.epochs} QAT epochs, teacher {args.teacher_epochs} epochs. Target: the int8 "
+        f"student within 1 pt of the float model: {'met' if gap >= -1.0 else 'NOT met'} ({gap:+.1f} pts).",
+    ]
+    return run.finish(lines, None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Quantization-aware students: fake-quantized training with KD, then a real int8 model for CPU.
+
+The tooling is PyTorch's eager-mode quantization (``torch.ao.quantization``: ``fuse_modules_qat``, ``prepare_qat``,
+``convert``), chosen because it is the path that works with the installed torch on CPU and gives real int8
+convolution and linear kernels (x86 / fbgemm / qnnpack engines): the PT2E flow (``prepare_qat_pt2e``) has moved out of
+torch into ``torchao``, whose QAT targets linear layers of language models and does not lower convolutions to int8
+CPU kernels. Eager mode needs a float input and a float output: :func:`quantization_aware` wraps the model between a
+quantize and a dequantize stub, so the student still takes and returns float tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.ao import quantization as tq
+from torch.ao.nn.intrinsic import qat as nniqat
+from typing_extensions import override
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Layers with no int8 kernel in eager mode: they run in float between a dequantize and a quantize stub.
+_FLOAT_ONLY = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+class FloatIsland(nn.Module):
+    """Runs ``layer`` in float inside a quantized network.
+
+    Its input is dequantized, ``layer`` runs in float, and its output is quantized again with its own observed scale.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.dequant = tq.DeQuantStub()
+        self.layer = layer
+        self.quant = tq.QuantStub()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``quant(layer(dequant(x)))``."""
+        return self.quant(self.layer(self.dequant(x)))
+
+
+class QuantizedStudent(nn.Module):
+    """A model between a quantize and a dequantize stub, prepared for quantization-aware training.
+
+    Attributes:
+        model: The (fused, fake-quantized) network; its layer names are the original ones, under ``model.``.
+        bits: Bit width of weights and activations.
+        per_channel: Whether weights have one scale per output channel.
+        backend: The quantized engine the exported model runs on.
+    """
+
+    def __init__(self, model: nn.Module, bits: int, per_channel: bool, backend: str) -> None:
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.model = model
+        self.dequant = tq.DeQuantStub()
+        self.bits, self.per_channel, self.backend = bits, per_channel, backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Quantize the float input, run the network, return float outputs."""
+        return self.dequant(self.model(self.quant(x)))
+
+
+def qat_qconfig(bits: int = 8, per_channel: bool = True) -> tq.QConfig:
+    r"""Fake-quantization settings for ``bits``-bit weights and activations.
+
+    Activations: unsigned, asymmetric per tensor, :math:`[0, 2^b - 1]`, except 8 bits which use :math:`[0, 127]`
+    (x86 / fbgemm kernels accumulate 8-bit activations in 16 bits and can overflow with the full range). Weights:
+    signed, symmetric, :math:`[-2^{b-1}, 2^{b-1} - 1]`, per output channel or per tensor. Moving-average min/max
+    observers (the ``torch.ao`` QAT default).
+
+    Example::
+
+        >>> q = qat_qconfig(bits=4)
+        >>> q.weight.p.keywords["quant_min"], q.weight.p.keywords["quant_max"]
+        (-8, 7)
+    """
+    _check_bits(bits)
+    act_max = 127 if bits == 8 else 2**bits - 1
+    activation = tq.FakeQuantize.with_args(
+        observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=act_max, dtype=torch.quint8
+    )
+    weight_observer = tq.MovingAveragePerChannelMinMaxObserver if per_channel else tq.MovingAverageMinMaxObserver
+    weight = tq.FakeQuantize.with_args(
+        observer=weight_observer,
+        quant_min=-(2 ** (bits - 1)),
+        quant_max=2 ** (bits - 1) - 1,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+    )
+    return tq.QConfig(activation=activation, weight=weight)
+
+
+def fusable_groups(model: nn.Module) -> list[list[str]]:
+    """The ``[conv, bn(, relu)]``, ``[conv, relu]`` and ``[linear, relu]`` runs of consecutive ``nn.Sequential`` items.
+
+    Only ``nn.Sequential`` children are fused: their order is their execution order, which a custom ``forward``
+    does not promise. Batch norm is folded into the convolution before it (``fuse_modules_qat`` keeps it trainable
+    until :class:`FreezeQuantization` freezes its statistics).
+
+    Example::
+
+        >>> fusable_groups(nn.Sequential(nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten()))
+        [['0', '1', '2']]
+    """
+    groups: list[list[str]] = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        items = list(parent.named_children())
+        index = 0
+        while index < len(items):
+            run = _run_at(items, index)
+            if len(run) > 1:
+                groups.append([f"{parent_name}.{name}" if parent_name else name for name in run])
+            index += max(len(run), 1)
+    return groups
+
+
+def _run_at(items: list[tuple[str, nn.Module]], index: int) -> list[str]:
+    first = items[index][1]
+    kinds = [type(m) for _, m in items[index : index + 3]]
+    if isinstance(first, _CONVS):
+        if len(kinds) > 1 and issubclass(kinds[1], _NORMS):
+            return [name for name, _ in items[index : index + (3 if len(kinds) > 2 and kinds[2] is nn.ReLU else 2)]]
+        if len(kinds) > 1 and kinds[1] is nn.ReLU:
+            return [items[index][0], items[index + 1][0]]
+    if isinstance(first, nn.Linear) and len(kinds) > 1 and kinds[1] is nn.ReLU:
+        return [items[index][0], items[index + 1][0]]
+    return [items[index][0]]
+
+
+def quantization_aware(
+    model: nn.Module,
+    *,
+    bits: int = 8,
+    per_channel: bool = True,
+    backend: str = "x86",
+    fuse: Sequence[Sequence[str]] | None = None,
+    float_layers: Sequence[str] = (),
+) -> QuantizedStudent:
+    """Return a fake-quantized, trainable copy of ``model``; the original is left unchanged.
+
+    The copy is in train mode with every parameter trainable, even when ``model`` is a teacher the callback froze.
+
+    Conv/BN/ReLU runs are fused first (``fuse``, default: :func:`fusable_groups`, names relative to ``model``), then
+    every convolution and linear layer gets fake-quantized weights and outputs (:func:`qat_qconfig`). Train it as the
+    student of a :class:`~lightning_distill.DistillModule`; :func:`export_quantized` turns it into an int8 model.
+
+    Args:
+        model: A float network taking one float tensor. Element-wise additions of two tensors (residual connections)
+            need ``torch.ao.nn.quantized.FloatFunctional`` in eager mode.
+        bits: Bit width of weights and activations, 2 to 8.
+        per_channel: One weight scale per output channel (default) or one per tensor.
+        backend: Quantized engine of the exported model: ``"x86"``, ``"fbgemm"``, ``"qnnpack"`` or ``"onednn"``
+            (must be one this torch was built with).
+        fuse: Explicit groups of layer names to fuse, instead of the automatic ones.
+        float_layers: Names of layers to run in float (:class:`FloatIsland`), for operations without an int8 kernel;
+            adaptive max pooling is always kept in float.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module``.
+        ValueError: For ``bits`` outside 2..8, an engine this torch lacks, or a fuse group or float layer that names no
+            layer.
+
+    Example::
+
+        >>> student = quantization_aware(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), bits=8)
+        >>> student(torch.randn(2, 4)).shape, type(student.model[0]).__name__
+        (torch.Size([2, 3]), 'LinearReLU')
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    _check_bits(bits)
+    engines = torch.backends.quantized.supported_engines
+    if backend not in engines or backend == "none":
+        raise ValueError(f"`backend` {backend!r} is not a quantized engine of this torch; available: {engines}.")
+    if not isinstance(per_channel, bool):
+        raise TypeError(f"`per_channel` must be True or False, got {per_channel!r}.")
+    float_model = copy.deepcopy(model).train().requires_grad_(True)  # e.g. a copy of a teacher the callback froze
+    groups = fusable_groups(float_model) if fuse is None else [list(group) for group in fuse]
+    names = dict(float_model.named_modules())
+    unknown = [name for group in groups for name in group if name not in names]
+    if unknown:
+        raise ValueError(f"`fuse` names layers that `model` does not have: {unknown}.")
+    if groups:
+        float_model = tq.fuse_modules_qat(float_model, groups)
+    names = dict(float_model.named_modules())
+    missing = [name for name in float_layers if name not in names]
+    if missing:
+        raise ValueError(f"`float_layers` names layers that `model` does not have: {missing}.")
+    islands = [*float_layers, *(n for n, m in names.items() if isinstance(m, _FLOAT_ONLY) and n not in float_layers)]
+    for name in islands:
+        parent_name, _, child = name.rpartition(".")
+        parent = float_model.get_submodule(parent_name) if parent_name else float_model
+        setattr(parent, child, FloatIsland(names[name]))
+    student = QuantizedStudent(float_model, bits, per_channel, backend)
+    student.qconfig = qat_qconfig(bits, per_channel)  # type: ignore[assignment]
+    tq.prepare_qat(student, inplace=True)
+    return student
+
+
+def export_quantized(student: QuantizedStudent) -> nn.Module:
+    """Convert a trained quantization-aware student into a real int8 model (a copy) that runs on CPU.
+
+    Weights are stored as int8 with their scales; convolutions and linear layers run int8 kernels of the student's
+    backend engine, which this function selects (``torch.backends.quantized.engine``).
+
+    Raises:
+        TypeError: If ``student`` was not made by :func:`quantization_aware`.
+    """
+    if not isinstance(student, QuantizedStudent):
+        raise TypeError(
+            f"`export_quantized` needs the model returned by `quantization_aware`, got {type(student).__name__}. "
+            "HINT: for a DistillModule pass `module.student`."
+        )
+    torch.backends.quantized.engine = student.backend
+    return tq.convert(copy.deepcopy(student).cpu().eval(), inplace=False)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors in ``model``'s ``state_dict`` (its weights' size, without serialization overhead).
+
+    Int8 weights count one byte per value plus their scales and zero points; float tensors their element size.
+
+    Example::
+
+        >>> model_bytes(nn.Linear(4, 2))  # 10 float32 values
+        40
+    """
+    return sum(_tensor_bytes(value) for value in model.state_dict().values())
+
+
+def _tensor_bytes(value: object) -> int:
+    if isinstance(value, (tuple, list)):  # packed quantized parameters: (weight, bias)
+        return sum(_tensor_bytes(item) for item in value)
+    if not isinstance(value, Tensor):
+        return 0
+    total = value.numel() * value.element_size()
+    if value.is_quantized and value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        scales, zero_points = value.q_per_channel_scales(), value.q_per_channel_zero_points()
+        total += scales.numel() * scales.element_size() + zero_points.numel() * zero_points.element_size()
+    elif value.is_quantized:
+        total += 16  # one float64 scale and one int64 zero point
+    return total
+
+
+class FreezeQuantization(L.Callback):
+    """Freeze a quantization-aware student's observers and batch-norm statistics after some epochs.
+
+    Late in QAT the quantization ranges and the folded batch-norm statistics should stop moving so that the
+    weights adapt to fixed grids. The flags are module buffers, so a checkpoint restores them on resume.
+
+    Args:
+        observers_after: Epochs (>= 1) after which observers stop updating scales and zero points (``None``: never).
+        batchnorm_after: Epochs after which fused batch norms use their running statistics (``None``: never).
+
+    Raises:
+        ValueError: For a value that is not ``None`` or a non-negative int.
+    """
+
+    def __init__(self, observers_after: int | None = None, batchnorm_after: int | None = None) -> None:
+        for name, value, least in (("observers_after", observers_after, 1), ("batchnorm_after", batchnorm_after, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                why = " (the observers must see at least one epoch to set the scales)" if least else ""
+                raise ValueError(f"`{name}` must be None or an int >= {least} (epochs){why}, got {value!r}.")
+        self.observers_after = observers_after
+        self.batchnorm_after = batchnorm_after
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.observers_after is not None and epoch >= self.observers_after:
+            pl_module.apply(tq.disable_observer)
+        if self.batchnorm_after is not None and epoch >= self.batchnorm_after:
+            pl_module.apply(nniqat.freeze_bn_stats)
+
+
+def observers_enabled(module: nn.Module) -> list[bool]:
+    """Whether each fake-quantize module of ``module`` still updates its observer (in module order)."""
+    return [bool(m.observer_enabled[0]) for m in module.modules() if isinstance(m, tq.FakeQuantize)]
+
+
+def _check_bits(bits: Any) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"`bits` must be an int from 2 to 8 (eager-mode int8 kernels hold at most 8), got {bits!r}.")
