@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import benchmark_trainer, machine_description, start_run
+from common import benchmark_trainer, machine_description, mean_std, start_run
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, TeacherCache
@@ -135,10 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = [r["step_ms"] for r in results[variant]]
         ratio = statistics.median(s / a for s, a in zip(steps, alone, strict=True))
         accs = [100 * r["acc"] for r in results[variant]]
-        spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
         stored = results[variant][0]["bytes"]
         rows.append(
-            f"| {variant} | {statistics.median(steps):.2f} | {ratio:.2f} | {statistics.mean(accs):.1f}{spread} | "
+            f"| {variant} | {statistics.median(steps):.2f} | {ratio:.2f} | {mean_std(accs)} | "
             f"{stored if stored is not None else '—'} |"
         )
     cached = [r["step_ms"] / a for r, a in zip(results["cached KD (full logits)"], alone, strict=True)]

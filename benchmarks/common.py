@@ -51,6 +51,12 @@ def quartiles(values: Sequence[float]) -> list[float]:
     return statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
 
 
+def mean_std(values: Sequence[float], digits: int = 1) -> str:
+    """``"mean ± std"`` of ``values`` with ``digits`` decimals; only the mean for a single value."""
+    mean = f"{statistics.mean(values):.{digits}f}"
+    return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS to its current RSS (Linux >= 4.0); ``False`` when that is not possible."""
     try:

@@ -61,7 +61,7 @@ from typing import Literal, get_args
 
 import lightning as L
 import torch
-from common import benchmark_trainer, machine_description, quartiles, start_run
+from common import benchmark_trainer, machine_description, mean_std, quartiles, start_run
 from overhead import Config as TimingConfig
 from overhead import RunTimes, fit_with_timers, make_dataset
 from torch import nn
@@ -197,10 +197,6 @@ def run_accuracy(config: Config, log: Callable[[str], None]) -> list[Result]:
 
 def accuracy_table(config: Config, results: Sequence[Result]) -> list[str]:
     """Markdown table: teacher and every student variant, mean ± std over seeds and the paired gain."""
-
-    def mean_std(values: Sequence[float]) -> str:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
     def accs(model: str) -> list[float]:
         return [100 * r.test_acc for r in results if r.model == model]

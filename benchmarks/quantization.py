@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 from cache import accuracy, data
-from common import benchmark_trainer, machine_description, start_run
+from common import benchmark_trainer, machine_description, mean_std, start_run
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, DistillModule
@@ -106,16 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     int8_model = exported
     assert int8_model is not None
 
-    def cell(values: list[float]) -> str:
-        return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
-
     rows = [f"| float teacher (the recipe's float model) | {float_acc:.1f} | | |"]
     for bits in (8, 4):
         alone, kd = results[(bits, False)], results[(bits, True)]
         gain = statistics.mean(kd) - statistics.mean(alone)
-        rows.append(f"| {bits}-bit, QAT alone (CE) | {cell(alone)} | | |")
+        rows.append(f"| {bits}-bit, QAT alone (CE) | {mean_std(alone)} | | |")
         rows.append(
-            f"| {bits}-bit, QAT + KD (alpha 0.9, T 20, reverse KL) | {cell(kd)} | {gain:+.1f} | "
+            f"| {bits}-bit, QAT + KD (alpha 0.9, T 20, reverse KL) | {mean_std(kd)} | {gain:+.1f} | "
             f"{statistics.mean(kd) - float_acc:+.1f} |"
         )
     one, many = x_test[:1], x_test

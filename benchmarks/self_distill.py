@@ -63,7 +63,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import benchmark_trainer, machine_description, start_run
+from common import benchmark_trainer, machine_description, mean_std, start_run
 from torch import Tensor, nn
 
 from lightning_distill import SelfDistillModule
@@ -223,11 +223,6 @@ def run_seed(config: Config, seed: int, log: Callable[[str], None]) -> SeedResul
 
 
 # ------------------------------------------------------------------------------------------------ reports
-def mean_std(values: Sequence[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {std:.1f}"
-
-
 def accuracy_table(config: Config, results: Sequence[SeedResult]) -> list[str]:
     """Per variant: every exit's and the ensemble's test accuracy, and the deepest exit's paired gain."""
     lines = [ACCURACY_HEADER, "|---|---:|---:|---:|---:|---:|---:|---:|"]

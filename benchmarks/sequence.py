@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 
 import torch
-from common import benchmark_trainer, machine_description, proc_status_mb, reset_peak_rss, start_run
+from common import benchmark_trainer, machine_description, mean_std, proc_status_mb, reset_peak_rss, start_run
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, DistillModule
@@ -119,16 +119,13 @@ def language_part(args: argparse.Namespace, log) -> list[str]:  # type: ignore[n
             results[name].append(perplexity(student, held_out))
             log(f"seed {seed} {name}: perplexity {results[name][-1]:.2f}")
 
-    def cell(values: list[float]) -> str:
-        return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
-
     return [
         "| model | held-out perplexity |",
         "|---|---:|",
         f"| the chain itself (floor, exp of its entropy rate) | {math.exp(language.entropy_rate()):.2f} |",
         f"| teacher (dim 64, 2 layers, {args.teacher_sequences} sequences) | {teacher_ppl:.2f} |",
-        f"| student alone (dim 16, 1 layer, {args.student_sequences} sequences) | {cell(results['alone'])} |",
-        f"| student distilled (alpha 0.5, T 1) | {cell(results['distilled'])} |",
+        f"| student alone (dim 16, 1 layer, {args.student_sequences} sequences) | {mean_std(results['alone'], 2)} |",
+        f"| student distilled (alpha 0.5, T 1) | {mean_std(results['distilled'], 2)} |",
         "",
         f"{args.seeds} seed(s), student {args.student_epochs} epochs, teacher {args.teacher_epochs} epochs.",
     ]
