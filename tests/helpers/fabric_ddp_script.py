@@ -41,6 +41,10 @@ def main(out: Path) -> None:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{fabric.global_rank}.json").write_text(json.dumps(report))
+    # Fabric leaves the process group open; tearing gloo down at interpreter exit can abort one rank
+    # ("terminate called without an active exception"), so both ranks meet and close it explicitly.
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
