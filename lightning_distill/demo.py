@@ -4,7 +4,7 @@ Run it with ``lightning-distill demo`` (about 2-3 minutes on two CPU cores). It 
 each seed an MLP student alone (``alpha=0``) and the same MLP distilled from the teacher, both with the same
 optimizer, schedule, epochs, data order and initial weights. It prints a table of test accuracy (mean ± std over
 seeds) and wall time, and writes ``results.csv``, ``summary.csv``, ``results.png``, the teacher checkpoint and the
-CSV logs of every run to the output folder.
+logs of every run (CSV, and TensorBoard when it is installed) to the output folder.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import Logger
 
 from lightning_distill.callback import DistillationCallback
 from lightning_distill.data import MNIST1DDataModule
+from lightning_distill.loggers import default_loggers, read_metric, where_logs_are
 from lightning_distill.models import MLPStudent, MNIST1DTeacher
 from lightning_distill.module import DistillModule
 
@@ -44,6 +45,7 @@ class DemoConfig:
         num_train: Optional training subset (for a quick run).
         threads: ``torch.set_num_threads`` for the run. The models are tiny: one thread is about as fast as
             several and, unlike several, is not slowed many-fold when another process competes for the cores.
+        tensorboard: Also log to TensorBoard: ``None`` when it is installed, ``True`` always, ``False`` never.
     """
 
     output: Path = Path("demo_output")
@@ -56,6 +58,7 @@ class DemoConfig:
     data_seed: int = 42
     num_train: int | None = None
     threads: int = 1
+    tensorboard: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,16 @@ class RunResult:
     fit_seconds: float
 
 
+def _loggers(config: DemoConfig, name: str) -> list[Logger]:
+    return default_loggers(config.output / "logs", name, tensorboard=config.tensorboard)
+
+
 def _trainer(config: DemoConfig, name: str, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=epochs,
-        logger=CSVLogger(config.output / "logs", name=name, version=""),
+        logger=_loggers(config, name),
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -166,11 +173,6 @@ def write_outputs(config: DemoConfig, results: Sequence[RunResult]) -> None:
     _plot(config, results)
 
 
-def _val_curve(log_dir: Path) -> list[float]:
-    with open(log_dir / "metrics.csv") as f:
-        return [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
-
-
 def _plot(config: DemoConfig, results: Sequence[RunResult]) -> None:
     import matplotlib
 
@@ -191,7 +193,7 @@ def _plot(config: DemoConfig, results: Sequence[RunResult]) -> None:
     bars.set_title("MNIST-1D: test accuracy (bars: mean ± std over seeds)")
     for i, model in enumerate(models):
         seeds = [r.seed for r in results if r.model == model]
-        runs = [_val_curve(config.output / "logs" / f"{model}_seed{s}") for s in seeds]
+        runs = [[acc for _, acc in read_metric(config.output / "logs" / f"{model}_seed{s}", "val/acc")] for s in seeds]
         for j, curve in enumerate(runs):
             label = model if j == 0 else None
             curves.plot(range(1, len(curve) + 1), [100 * a for a in curve], color=f"C{i}", alpha=0.8, label=label)
@@ -217,12 +219,29 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny subset, 2 epochs)")
+    parser.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also log to TensorBoard (default: when it is installed)",
+    )
     args = parser.parse_args(argv)
     for name in ("seeds", "teacher_epochs", "student_epochs", "hidden", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.quick:
-        return DemoConfig(args.output, 2, 2, 2, 32, args.alpha, args.temperature, num_train=400, threads=args.threads)
+        return DemoConfig(
+            args.output,
+            2,
+            2,
+            2,
+            32,
+            args.alpha,
+            args.temperature,
+            num_train=400,
+            threads=args.threads,
+            tensorboard=args.tensorboard,
+        )
     return DemoConfig(
         args.output,
         args.seeds,
@@ -232,6 +251,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
         args.alpha,
         args.temperature,
         threads=args.threads,
+        tensorboard=args.tensorboard,
     )
 
 
@@ -243,3 +263,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_outputs(config, results)
     print(markdown_table(summarize(results)))
     print(f"\nTotal wall time {time.perf_counter() - start:.0f} s. Results, plot and logs in {config.output}/")
+    print(f"Logs of the last run:\n{where_logs_are(_loggers(config, 'distilled_seed0'))}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_distill.cli import main
+from lightning_distill.loggers import tensorboard_available
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2"]
@@ -64,6 +65,20 @@ def test_demo_quick_writes_table_csv_and_plot(tmp_path, capsys):
     assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert (tmp_path / "teacher.ckpt").is_file()
+    tensorboard = tensorboard_available()  # CSV always, TensorBoard when installed (the [test] extra installs it)
+    for run in ("teacher_seed0", "student_alone_seed1", "distilled_seed1"):
+        assert (tmp_path / "logs" / run / "metrics.csv").is_file()
+        assert bool(list((tmp_path / "logs" / "tensorboard" / run).glob("events.out.tfevents.*"))) == tensorboard
+    assert f"CSV: {tmp_path / 'logs' / 'distilled_seed0' / 'metrics.csv'}" in out
+    assert (f"tensorboard --logdir {tmp_path / 'logs' / 'tensorboard'}" in out) == tensorboard
+
+
+@pytest.mark.slow
+def test_demo_without_tensorboard_logs_csv_only(tmp_path, capsys):
+    main(["demo", "--quick", "--no-tensorboard", "--output", str(tmp_path)])
+    assert (tmp_path / "logs" / "distilled_seed1" / "metrics.csv").is_file()
+    assert not (tmp_path / "logs" / "tensorboard").exists()
+    assert "tensorboard --logdir" not in capsys.readouterr().out
 
 
 def test_demo_rejects_bad_arguments():

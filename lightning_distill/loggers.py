@@ -1,0 +1,82 @@
+"""Loggers for the demo and the notebooks: a CSV log always, TensorBoard beside it when it is installed.
+
+The CSV log is what the demo's tables and the notebooks' learning curves are read from, so it is always written;
+TensorBoard is added for browsing when the ``tensorboard`` package is importable (``pip install tensorboard``).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+
+def tensorboard_available() -> bool:
+    """Whether Lightning's ``TensorBoardLogger`` can write here (``tensorboard`` or ``tensorboardX`` installed)."""
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+def default_loggers(save_dir: str | Path, name: str, tensorboard: bool | None = None) -> list[Logger]:
+    """A :class:`CSVLogger` writing ``save_dir/name/metrics.csv``, then a TensorBoard logger when wanted.
+
+    Args:
+        save_dir: Root folder of every run's logs.
+        name: The run's name (its sub-folder).
+        tensorboard: ``None`` (default) adds a :class:`TensorBoardLogger` writing to ``save_dir/tensorboard/name``
+            when TensorBoard is installed; ``True`` requires it; ``False`` never adds it.
+
+    Returns:
+        The loggers for ``Trainer(logger=...)``; the CSV logger is first, so ``trainer.log_dir`` is its folder.
+
+    Raises:
+        ModuleNotFoundError: ``tensorboard=True`` and TensorBoard is not installed.
+
+    Example:
+        >>> import tempfile
+        >>> [type(logger).__name__ for logger in default_loggers(tempfile.mkdtemp(), "run", tensorboard=False)]
+        ['CSVLogger']
+    """
+    save_dir = Path(save_dir)
+    loggers: list[Logger] = [CSVLogger(save_dir, name=name, version="")]
+    if tensorboard and not tensorboard_available():
+        raise ModuleNotFoundError(
+            "tensorboard=True but neither `tensorboard` nor `tensorboardX` is installed. "
+            "HINT: `pip install tensorboard`, or pass tensorboard=None to log to CSV only."
+        )
+    if tensorboard or (tensorboard is None and tensorboard_available()):
+        loggers.append(TensorBoardLogger(save_dir / "tensorboard", name=name, version="", default_hp_metric=False))
+    return loggers
+
+
+def where_logs_are(loggers: list[Logger]) -> str:
+    """One line per logger saying where its files are and, for TensorBoard, the command that shows them."""
+    lines = []
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            lines.append(f"TensorBoard: {logger.log_dir}  (view: tensorboard --logdir {Path(logger.save_dir)})")
+        elif isinstance(logger, CSVLogger):
+            lines.append(f"CSV: {Path(logger.log_dir) / 'metrics.csv'}")
+        else:
+            lines.append(f"{type(logger).__name__}: {logger.log_dir}")
+    return "\n".join(lines)
+
+
+def read_metric(log_dir: str | Path, key: str) -> list[tuple[int, float]]:
+    """``(epoch, value)`` for every row of ``log_dir/metrics.csv`` (a :class:`CSVLogger` log) that has ``key``.
+
+    Raises:
+        FileNotFoundError: No ``metrics.csv`` in ``log_dir``.
+        KeyError: No row logged ``key``; the message lists the keys that were logged.
+    """
+    path = Path(log_dir) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"No CSV log at {path}. HINT: pass the folder of a CSVLogger run (trainer.log_dir).")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    points = [(int(float(row["epoch"])), float(row[key])) for row in rows if row.get(key)]
+    if not points:
+        logged = sorted({k for row in rows for k, v in row.items() if v and k not in ("epoch", "step")})
+        raise KeyError(f"{key!r} was never logged in {path}; logged keys: {logged}.")
+    return points

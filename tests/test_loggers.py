@@ -1,0 +1,70 @@
+"""``lightning_distill.loggers``: CSV always, TensorBoard when installed, and reading the CSV log back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_distill import loggers as loggers_module
+from lightning_distill.loggers import default_loggers, read_metric, tensorboard_available, where_logs_are
+
+
+class EpochLogger(L.LightningModule):
+    """Logs ``val/acc = 10 * epoch`` once per epoch and a training loss every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.log("val/acc", 10.0 * self.current_epoch)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(loggers: list) -> None:  # type: ignore[type-arg]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+    trainer = L.Trainer(
+        max_epochs=3, logger=loggers, log_every_n_steps=1, enable_progress_bar=False, enable_checkpointing=False
+    )
+    trainer.fit(EpochLogger(), loader, loader)
+
+
+def test_csv_first_then_tensorboard_when_installed(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    loggers = default_loggers(tmp_path, "run")
+    assert [type(lg) for lg in loggers] == [CSVLogger, TensorBoardLogger]
+    fit(loggers)
+    assert read_metric(tmp_path / "run", "val/acc") == [(0, 0.0), (1, 10.0), (2, 20.0)]
+    assert list((tmp_path / "tensorboard" / "run").glob("events.out.tfevents.*"))
+    text = where_logs_are(loggers)
+    assert f"CSV: {tmp_path / 'run' / 'metrics.csv'}" in text
+    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in text
+
+
+def test_csv_only_when_tensorboard_is_missing_or_declined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [type(lg) for lg in default_loggers(tmp_path, "a", tensorboard=False)] == [CSVLogger]
+    monkeypatch.setattr(loggers_module.importlib.util, "find_spec", lambda name: None)
+    assert not tensorboard_available()
+    assert [type(lg) for lg in default_loggers(tmp_path, "b")] == [CSVLogger]
+    with pytest.raises(ModuleNotFoundError, match=r"tensorboard=True but neither .* HINT: `pip install tensorboard`"):
+        default_loggers(tmp_path, "c", tensorboard=True)
+
+
+def test_read_metric_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"No CSV log at .*metrics.csv"):
+        read_metric(tmp_path, "val/acc")
+    fit(default_loggers(tmp_path, "run", tensorboard=False))
+    assert len(read_metric(tmp_path / "run", "train/loss")) == 6  # 2 steps x 3 epochs
+    with pytest.raises(KeyError, match=r"'val/loss' was never logged .* logged keys: \['train/loss', 'val/acc'\]"):
+        read_metric(tmp_path / "run", "val/loss")
