@@ -12,6 +12,8 @@ Run from the repository root::
 
     python benchmarks/cache.py             # 3 seeds, 20 epochs, ~4 min on 2 cores
     python benchmarks/cache.py --quick     # smoke run
+
+``--plot PATH`` also draws the step time and the test accuracy per variant to a PNG.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import benchmark_trainer, machine_description, mean_std, start_run
+from common import bar_panel, benchmark_trainer, machine_description, mean_std, start_run
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, TeacherCache
@@ -99,12 +101,34 @@ def fit(
     }
 
 
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Left: step time per variant (and the 1.10x target); right: test accuracy per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    steps = {variant: [r["step_ms"] for r in results[variant]] for variant in VARIANTS}
+    bar_panel(left, steps, "ms per step (epochs >= 2)", "Step time (mean ± std; dots: seeds)", digits=2)
+    target = 1.10 * statistics.median(steps["student alone"])
+    left.axhline(target, color="grey", linestyle="--", linewidth=1, label="1.10x alone (cache target)")
+    left.legend(fontsize=8, loc="upper left")
+    accs = {variant: [100 * r["acc"] for r in results[variant]] for variant in VARIANTS}
+    bar_panel(right, accs, "test acc (%)", "Test accuracy (mean ± std; dots: seeds)", zoom=True)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--teacher-epochs", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, teacher 1 epoch")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the results to this PNG")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.teacher_epochs = 1, 2, 1
@@ -155,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.seeds} seed(s), {args.epochs} epochs. Target <= 1.10x for the full-logits cache: "
         f"{'met' if statistics.median(cached) <= 1.10 else 'NOT met'} ({statistics.median(cached):.2f}x).",
     ]
+    if args.plot is not None:
+        plot(results, args.plot)
+        lines.append(f"Plot: `{args.plot}` ({args.plot.stat().st_size / 1e3:.0f} KB).")
     return run.finish(lines, None)
 
 

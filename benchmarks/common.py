@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine description, peak memory, quartiles."""
+"""Helpers shared by the benchmark scripts: machine description, peak memory, quartiles, a bar chart."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ import platform
 import resource
 import statistics
 import sys
+import textwrap
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+
+if TYPE_CHECKING:  # matplotlib is imported only by the scripts' plot functions, when --plot is given
+    from matplotlib.axes import Axes
 
 
 def machine_description(threads: int, load_at_start: float | None) -> list[str]:
@@ -55,6 +59,38 @@ def mean_std(values: Sequence[float], digits: int = 1) -> str:
     """``"mean ± std"`` of ``values`` with ``digits`` decimals; only the mean for a single value."""
     mean = f"{statistics.mean(values):.{digits}f}"
     return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
+
+
+def bar_panel(
+    ax: Axes, values: Mapping[str, Sequence[float]], ylabel: str, title: str, digits: int = 1, zoom: bool = False
+) -> None:
+    """One bar per label: mean ± std, each value (seed, round) as a dot beside the error bar, the mean on top.
+
+    The y axis starts at 0, or with ``zoom`` spans only the values (for accuracies a few points apart; never below 0
+    for values that are not).
+    """
+    data = list(values.values())
+    means = [statistics.mean(v) for v in data]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in data]
+    tops = [max(m + s, *v) for m, s, v in zip(means, stds, data, strict=True)]
+    low = min(min(m - s, *v) for m, s, v in zip(means, stds, data, strict=True))
+    colors = [f"C{i}" for i in range(len(data))]
+    error = stds if any(stds) else None
+    ax.bar(range(len(data)), means, yerr=error, capsize=4, color=colors, alpha=0.5, edgecolor=colors)
+    for i, (v, mean, top) in enumerate(zip(data, means, tops, strict=True)):
+        if len(v) > 1:
+            ax.scatter([i + 0.12 + 0.24 * j / (len(v) - 1) for j in range(len(v))], v, color="black", s=10, zorder=3)
+        ax.annotate(f"{mean:.{digits}f}", (i, top), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
+    high = max(tops)
+    if zoom:
+        span = (high - low) or abs(high) or 1.0
+        bottom = low - 0.3 * span
+        ax.set_ylim(bottom if low < 0 else max(bottom, 0.0), high + 0.2 * span)
+    else:
+        ax.set_ylim(min(low, 0.0), high * 1.15 if high > 0 else 1.0)
+    ax.set_xticks(range(len(values)), [textwrap.fill(label, 16) for label in values], fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def reset_peak_rss() -> bool:

@@ -42,6 +42,7 @@ Run from the repository root::
     python benchmarks/features.py --quick                  # smoke run, ~10 s (tests/test_benchmarks.py)
     python benchmarks/features.py --part accuracy --seeds 5 --fm-weight 1.0 --at-weight 100
 
+``--plot PATH`` also draws the test accuracy per variant and the step time against the number of maps to a PNG.
 ``--threads`` defaults to 1: the models are tiny, and with 2 threads on 2 cores any other busy process slows
 every step many-fold. Timings on a shared machine vary by 5-10 %; compare ratios, never assert on them.
 """
@@ -61,7 +62,7 @@ from typing import Literal, get_args
 
 import lightning as L
 import torch
-from common import benchmark_trainer, machine_description, mean_std, quartiles, start_run
+from common import bar_panel, benchmark_trainer, machine_description, mean_std, quartiles, start_run
 from overhead import Config as TimingConfig
 from overhead import RunTimes, fit_with_timers, make_dataset
 from torch import nn
@@ -195,14 +196,15 @@ def run_accuracy(config: Config, log: Callable[[str], None]) -> list[Result]:
     return results
 
 
+def accuracies(results: Sequence[Result], model: str) -> list[float]:
+    """Test accuracies (%) of one model (``"teacher"`` or a variant), in seed order."""
+    return [100 * r.test_acc for r in results if r.model == model]
+
+
 def accuracy_table(config: Config, results: Sequence[Result]) -> list[str]:
     """Markdown table: teacher and every student variant, mean ± std over seeds and the paired gain."""
-
-    def accs(model: str) -> list[float]:
-        return [100 * r.test_acc for r in results if r.model == model]
-
     lines = [ACCURACY_HEADER, "|---|---:|---:|---|---:|"]
-    alone = accs("alone")
+    alone = accuracies(results, "alone")
     labels = {
         "teacher": f"teacher (CNN, {TEACHER_CHANNELS} ch., {config.teacher_epochs} ep.)",
         "alone": "alone (CE only)",
@@ -211,7 +213,7 @@ def accuracy_table(config: Config, results: Sequence[Result]) -> list[str]:
         "kd+at": f"logit KD + 3 attention maps (w={config.at_weight:g})",
     }
     for model, label in labels.items():
-        values = accs(model)
+        values = accuracies(results, model)
         gain = "" if model == "teacher" else mean_std([v - a for v, a in zip(values, alone, strict=True)])
         seconds = statistics.mean(r.fit_seconds for r in results if r.model == model)
         per_seed = " / ".join(f"{v:.1f}" for v in values)
@@ -263,6 +265,11 @@ def run_overhead(config: Config, log: Callable[[str], None]) -> list[dict[int, R
     return rounds
 
 
+def ratio_vs_none(rounds: Sequence[dict[int, RunTimes]], count: int) -> float:
+    """Median over rounds of the ratio of ``count`` maps' median step time to 0 maps' one."""
+    return statistics.median(statistics.median(r[count].kept()[0]) / statistics.median(r[0].kept()[0]) for r in rounds)
+
+
 def overhead_table(config: Config, rounds: Sequence[dict[int, RunTimes]]) -> list[str]:
     """Markdown table: median step time per map count and its ratio to 0 maps."""
     lines = [OVERHEAD_HEADER, "|---|---:|---:|---:|"]
@@ -270,10 +277,9 @@ def overhead_table(config: Config, rounds: Sequence[dict[int, RunTimes]]) -> lis
     best = {n: min(statistics.median(r[n].kept()[0]) for r in rounds) for n in counts}
     for count in counts:
         p25, median, p75 = quartiles([s * 1e3 for r in rounds for s in r[count].kept()[0]])
-        ratios = [statistics.median(r[count].kept()[0]) / statistics.median(r[0].kept()[0]) for r in rounds]
         layers = ", ".join(f"act{i}" for i in range(1, count + 1)) or "none"
         lines.append(
-            f"| {count} ({layers}) | {median:.3f} [{p25:.3f}-{p75:.3f}] | {statistics.median(ratios):.3f} "
+            f"| {count} ({layers}) | {median:.3f} [{p25:.3f}-{p75:.3f}] | {ratio_vs_none(rounds, count):.3f} "
             f"| {best[count] / best[0]:.3f} |"
         )
     clock = "time.thread_time (main-thread CPU time)" if config.clock == "thread" else "time.perf_counter"
@@ -285,6 +291,37 @@ def overhead_table(config: Config, rounds: Sequence[dict[int, RunTimes]]) -> lis
         "best rounds: ratio of each variant's fastest round.",
     ]
     return lines
+
+
+def plot(results: Sequence[Result] | None, rounds: Sequence[dict[int, RunTimes]] | None, path: Path) -> None:
+    """Left: student test accuracy per variant; right: step time against the number of maps (the parts run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = int(results is not None) + int(rounds is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    left, right = axes[0][0], axes[0][-1]
+    if results is not None:
+        values = {variant: accuracies(results, variant) for variant in VARIANTS}
+        bar_panel(left, values, "test acc (%)", "Student test accuracy (mean ± std; dots: seeds)", zoom=True)
+    if rounds is not None:
+        counts = sorted(rounds[0])
+        steps = [quartiles([s * 1e3 for r in rounds for s in r[n].kept()[0]]) for n in counts]  # [p25, p50, p75]
+        spread = [[q[1] - q[0] for q in steps], [q[2] - q[1] for q in steps]]
+        right.errorbar(counts, [q[1] for q in steps], yerr=spread, marker="o", capsize=3, label="median step [p25-p75]")
+        for count, q in zip(counts, steps, strict=True):
+            ratio = ratio_vs_none(rounds, count)
+            right.annotate(f"{ratio:.2f}x", (count, q[1]), xytext=(6, -10), textcoords="offset points", fontsize=8)
+        right.set(xticks=counts, xlabel="FitNets feature maps (+ logit KD)", ylabel="step time (ms)", ylim=(0, None))
+        right.set_title("Step time vs number of maps (ratio vs 0 maps)")
+        right.legend(fontsize=8, loc="lower right")
+        right.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -304,6 +341,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall", help="as in overhead.py")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 400 samples, 1 round")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the results to this PNG")
     args = parser.parse_args(argv)
     args.num_train = args.num_test = None
     if args.quick:
@@ -333,10 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         *machine_description(config.threads, load_at_start),
         "",
     ]
+    results = rounds = None
     if args.part in ("both", "accuracy"):
-        lines += ["### Accuracy", "", *accuracy_table(config, run_accuracy(config, log)), ""]
+        results = run_accuracy(config, log)
+        lines += ["### Accuracy", "", *accuracy_table(config, results), ""]
     if args.part in ("both", "overhead"):
-        lines += ["### Step time with N feature maps", "", *overhead_table(config, run_overhead(config, log)), ""]
+        rounds = run_overhead(config, log)
+        lines += ["### Step time with N feature maps", "", *overhead_table(config, rounds), ""]
+    if args.plot is not None:
+        plot(results, rounds, args.plot)
+        lines.append(f"Plot: `{args.plot}` ({args.plot.stat().st_size / 1e3:.0f} KB).")
     return run.finish(lines, args.markdown)
 
 

@@ -12,6 +12,8 @@ Run from the repository root::
 
     python benchmarks/quantization.py            # ~3 min on 2 cores
     python benchmarks/quantization.py --quick    # smoke run
+
+``--plot PATH`` also draws the accuracy per variant and the latency float vs int8 to a PNG.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import functools
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from cache import accuracy, data
-from common import benchmark_trainer, machine_description, mean_std, start_run
+from common import bar_panel, benchmark_trainer, machine_description, mean_std, start_run
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, DistillModule
@@ -72,6 +75,31 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def plot(
+    float_acc: float, results: Mapping[tuple[int, bool], list[float]], latency: Mapping[str, list[float]], path: Path
+) -> None:
+    """Left: test accuracy per variant; middle and right: latency float vs int8 at batch 1 and batch 1000."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, *right) = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    accs = {"float": [float_acc]}
+    for bits in (8, 4):
+        accs |= {f"{bits}-bit QAT alone": results[(bits, False)], f"{bits}-bit QAT + KD": results[(bits, True)]}
+    bar_panel(left, accs, "test acc (%)", "Test accuracy, exported (mean ± std; dots: seeds)", zoom=True)
+    left.axhline(float_acc - 1.0, color="grey", linestyle="--", linewidth=1, label="float - 1 pt (int8 target)")
+    left.legend(fontsize=8)
+    for index, (ax, batch) in enumerate(zip(right, (1, 1000), strict=True)):
+        times = {name: [ms[index]] for name, ms in latency.items()}
+        bar_panel(ax, times, "latency (ms, median)", f"Latency, batch {batch}", digits=3 if batch == 1 else 2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -79,6 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=200, help="latency repetitions")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, teacher 2 epochs")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the results to this PNG")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.teacher_epochs, args.repeats = 1, 1, 2, 10
@@ -115,11 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {bits}-bit, QAT + KD (alpha 0.9, T 20, reverse KL) | {mean_std(kd)} | {gain:+.1f} | "
             f"{statistics.mean(kd) - float_acc:+.1f} |"
         )
-    one, many = x_test[:1], x_test
-    latency = [
-        f"| {name} | {model_bytes(model) / 1024:.1f} | {latency_ms(model, one, args.repeats):.3f} | "
-        f"{latency_ms(model, many, max(args.repeats // 10, 3)):.2f} |"
-        for name, model in (("float32", teacher), ("int8 (8-bit QAT + KD, exported)", int8_model))
+    models = {"float32": teacher, "int8 (8-bit QAT + KD, exported)": int8_model}
+    latency = {  # batch 1, batch 1000
+        name: [latency_ms(model, x_test[:1], args.repeats), latency_ms(model, x_test, max(args.repeats // 10, 3))]
+        for name, model in models.items()
+    }
+    latency_rows = [
+        f"| {name} | {model_bytes(model) / 1024:.1f} | {latency[name][0]:.3f} | {latency[name][1]:.2f} |"
+        for name, model in models.items()
     ]
     gap = statistics.mean(results[(8, True)]) - float_acc
     lines = [
@@ -133,11 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "| model | weights KiB | latency ms, batch 1 (median) | latency ms, batch 1000 (median) |",
         "|---|---:|---:|---:|",
-        *latency,
+        *latency_rows,
         "",
         f"{args.seeds} seed(s), {args.epochs} QAT epochs, teacher {args.teacher_epochs} epochs. Target: the int8 "
         f"student within 1 pt of the float model: {'met' if gap >= -1.0 else 'NOT met'} ({gap:+.1f} pts).",
     ]
+    if args.plot is not None:
+        plot(float_acc, results, latency, args.plot)
+        lines.append(f"Plot: `{args.plot}` ({args.plot.stat().st_size / 1e3:.0f} KB).")
     return run.finish(lines, None)
 
 

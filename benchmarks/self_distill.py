@@ -45,7 +45,8 @@ Run from the repository root::
     python benchmarks/self_distill.py --quick --output /tmp/sd   # smoke run, < 60 s (tests/test_benchmarks.py)
 
 The plot (per-exit accuracy; accuracy vs measured speed-up) goes to ``--output``/self_distill.png (default
-``docs/``). Timings on a shared 2-core machine vary by 5-10 %; compare ratios, never assert on them.
+``benchmarks/results/``, next to the reports ``run_all.py`` writes). Timings on a shared 2-core machine vary by
+5-10 %; compare ratios, never assert on them.
 """
 
 from __future__ import annotations
@@ -369,7 +370,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS), help="early-exit sweep")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per threshold and sweep")
     parser.add_argument("--sweeps", type=int, default=3, help="sweeps per model; the fastest timings are kept")
-    parser.add_argument("--output", type=Path, default=Path("docs"), help="folder of self_distill.png")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"), help="folder of self_distill.png")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 3 thresholds, 1 sweep")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)

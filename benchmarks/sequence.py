@@ -16,6 +16,8 @@ Run from the repository root::
 
     python benchmarks/sequence.py            # ~4 min on 2 cores
     python benchmarks/sequence.py --quick    # smoke run
+
+``--plot PATH`` also draws the peak memory and time naive vs chunked, and the perplexities, to a PNG.
 """
 
 from __future__ import annotations
@@ -28,10 +30,19 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
-from common import benchmark_trainer, machine_description, mean_std, proc_status_mb, reset_peak_rss, start_run
+from common import (
+    bar_panel,
+    benchmark_trainer,
+    machine_description,
+    mean_std,
+    proc_status_mb,
+    reset_peak_rss,
+    start_run,
+)
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, DistillModule
@@ -100,7 +111,8 @@ def fit_lm(
     benchmark_trainer(epochs, callbacks).fit(module, loader)
 
 
-def language_part(args: argparse.Namespace, log) -> list[str]:  # type: ignore[no-untyped-def]
+def language_part(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[str], dict[str, list[float]]]:
+    """The report's lines and the perplexities to plot: the chain's floor, the teacher, the students per seed."""
     language = MarkovLanguage(vocab_size=64, branching=4, seed=0)
     held_out = MarkovDataset(language, num_sequences=512, max_length=32, seed=1)
     teacher = TinyCausalLM(vocab_size=64, dim=64, layers=2, heads=4)
@@ -119,16 +131,52 @@ def language_part(args: argparse.Namespace, log) -> list[str]:  # type: ignore[n
             results[name].append(perplexity(student, held_out))
             log(f"seed {seed} {name}: perplexity {results[name][-1]:.2f}")
 
-    return [
+    floor = math.exp(language.entropy_rate())
+    lines = [
         "| model | held-out perplexity |",
         "|---|---:|",
-        f"| the chain itself (floor, exp of its entropy rate) | {math.exp(language.entropy_rate()):.2f} |",
+        f"| the chain itself (floor, exp of its entropy rate) | {floor:.2f} |",
         f"| teacher (dim 64, 2 layers, {args.teacher_sequences} sequences) | {teacher_ppl:.2f} |",
         f"| student alone (dim 16, 1 layer, {args.student_sequences} sequences) | {mean_std(results['alone'], 2)} |",
         f"| student distilled (alpha 0.5, T 1) | {mean_std(results['distilled'], 2)} |",
         "",
         f"{args.seeds} seed(s), student {args.student_epochs} epochs, teacher {args.teacher_epochs} epochs.",
     ]
+    perplexities = {
+        "chain (floor)": [floor],
+        "teacher": [teacher_ppl],
+        **{f"student {k}": v for k, v in results.items()},
+    }
+    return lines, perplexities
+
+
+def plot(
+    measured: Mapping[str, list[dict[str, float]]],
+    one_chunk_mb: float,
+    perplexities: Mapping[str, Sequence[float]],
+    path: Path,
+) -> None:
+    """Left: peak memory, middle: time of the KD loss naive vs chunked; right: held-out perplexity per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (memory, seconds, ppl) = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    labels = {"naive": "naive", "chunked": f"chunked ({CHUNK})"}
+    peaks = {labels[name]: [r["peak_mb"] for r in runs] for name, runs in measured.items()}
+    bar_panel(
+        memory, peaks, "KD loss: peak RSS above the logits (MB)", "Peak memory (mean ± std; dots: rounds)", digits=0
+    )
+    memory.axhline(one_chunk_mb, color="grey", linestyle="--", linewidth=1, label="one chunk's logits")
+    memory.legend(fontsize=8)
+    times = {labels[name]: [1e3 * r["seconds"] for r in runs] for name, runs in measured.items()}
+    bar_panel(seconds, times, "KD loss: ms per forward + backward", "Time (mean ± std; dots: rounds)", digits=0)
+    bar_panel(ppl, perplexities, "held-out perplexity", "Perplexity (mean ± std; dots: seeds)", digits=2, zoom=True)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -143,6 +191,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student-sequences", type=int, default=256)
     parser.add_argument("--student-epochs", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, 1 round, 1 seed")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the results to this PNG")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -172,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{1e3 * statistics.median(r['seconds'] for r in measured[name]):.0f} |"
         for name in ("naive", "chunked")
     ]
+    language_lines, perplexities = language_part(args, run.log)
     lines = [
         f"## Token-level KD: `{run.command}`",
         "",
@@ -190,8 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "### Distillation on a synthetic language (Markov chain, 64 tokens, 4 successors)",
         "",
-        *language_part(args, run.log),
+        *language_lines,
     ]
+    if args.plot is not None:
+        plot(measured, one_chunk_mb, perplexities, args.plot)
+        lines.append(f"Plot: `{args.plot}` ({args.plot.stat().st_size / 1e3:.0f} KB).")
     return run.finish(lines, None)
 
 

@@ -13,6 +13,12 @@ def run_quick(script: str, *args: str) -> str:
     return run_python(f"benchmarks/{script}", "--quick", *args)
 
 
+def assert_plotted(out: str, path: Path) -> None:
+    """The ``--plot`` PNG exists, is not empty, and the report names it."""
+    assert path.stat().st_size > 0 and path.read_bytes().startswith(b"\x89PNG")
+    assert f"Plot: `{path}` (" in out
+
+
 @pytest.mark.slow
 def test_overhead_quick_runs_and_prints_the_table() -> None:
     out = run_quick("overhead.py", "--threads", "1")
@@ -22,14 +28,15 @@ def test_overhead_quick_runs_and_prints_the_table() -> None:
 
 
 @pytest.mark.slow
-def test_features_quick_runs_and_prints_both_tables() -> None:
-    out = run_quick("features.py")
+def test_features_quick_runs_and_prints_both_tables(tmp_path: Path) -> None:
+    out = run_quick("features.py", "--plot", str(tmp_path / "x.png"))
     assert "| student (CNN, 8 channels) | test acc (mean ± std) | gain vs alone (pts) |" in out
     assert "| feature maps (+ logit KD) | median step ms [p25-p75] | ratio vs 0 maps |" in out
     for row in ("| teacher (CNN", "| alone (CE only)", "| logit KD (alpha", "3 FitNets maps", "3 attention maps"):
         assert row in out
     for count in range(4):
         assert f"| {count} (" in out
+    assert_plotted(out, tmp_path / "x.png")
 
 
 @pytest.mark.slow
@@ -64,8 +71,8 @@ def test_sharding_quick_runs_and_reports_half_the_teacher_per_rank() -> None:
 
 
 @pytest.mark.slow
-def test_cache_quick_runs_and_prints_the_table() -> None:
-    out = run_quick("cache.py")
+def test_cache_quick_runs_and_prints_the_table(tmp_path: Path) -> None:
+    out = run_quick("cache.py", "--plot", str(tmp_path / "x.png"))
     assert (
         "| variant | median step ms (epochs >= 2) | ratio vs alone | test acc % (mean ± std) | bytes per sample |"
         in out
@@ -73,21 +80,24 @@ def test_cache_quick_runs_and_prints_the_table() -> None:
     for row in ("| student alone |", "| uncached KD |", "| cached KD (full logits) |", "| cached KD (top-3) |"):
         assert row in out
     assert "| cached KD (full logits) |" in out and "| 25 |" in out  # 10 float16 logits + CRC-32 + flag
+    assert_plotted(out, tmp_path / "x.png")
 
 
 @pytest.mark.slow
-def test_sequence_quick_runs_and_prints_both_tables() -> None:
-    out = run_quick("sequence.py")
+def test_sequence_quick_runs_and_prints_both_tables(tmp_path: Path) -> None:
+    out = run_quick("sequence.py", "--plot", str(tmp_path / "x.png"))
     assert "| variant | peak RSS above the logits, MB | median ms |" in out
     assert "| naive |" in out and "| chunked (256 positions) |" in out
     for row in ("| the chain itself", "| teacher (dim 64", "| student alone", "| student distilled"):
         assert row in out
+    assert_plotted(out, tmp_path / "x.png")
 
 
 @pytest.mark.slow
-def test_quantization_quick_runs_and_prints_both_tables() -> None:
-    out = run_quick("quantization.py")
+def test_quantization_quick_runs_and_prints_both_tables(tmp_path: Path) -> None:
+    out = run_quick("quantization.py", "--plot", str(tmp_path / "x.png"))
     assert "| model | test acc % (mean ± std, exported) | KD gain (pts) | vs float (pts) |" in out
     assert "| model | weights KiB | latency ms, batch 1 (median) | latency ms, batch 1000 (median) |" in out
     for row in ("| 8-bit, QAT alone", "| 8-bit, QAT + KD", "| 4-bit, QAT alone", "| 4-bit, QAT + KD", "| int8 (8-bit"):
         assert row in out
+    assert_plotted(out, tmp_path / "x.png")
