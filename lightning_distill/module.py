@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -168,19 +167,20 @@ class DistillModule(FactoryModule):
         for fmap in self.feature_maps:
             self._student_capture.add(fmap.student, fmap.student_select)
         if type(self) is DistillModule:
-            self._save_plain_hyperparameters()
+            self._save_plain_hyperparameters(student=student, optimizer=optimizer, lr_scheduler=lr_scheduler)
 
-    def _save_plain_hyperparameters(self) -> None:
+    def _save_plain_hyperparameters(self, **live: Any) -> None:
         """Save the wrapped form's arguments as hyper-parameters, leaving out live objects.
 
-        A network or factory passed from Python is dropped (``load_from_checkpoint(path, student=net)`` gives it
-        back); under ``LightningCLI`` the same arguments arrive as plain config dicts, which are kept so that
-        ``--ckpt_path`` can rebuild the module. Schedules and feature maps are stored as their config dicts.
+        A network or factory passed from Python is never saved, not even in the ``hparams_initial`` that loggers
+        write (``load_from_checkpoint(path, student=net)`` gives it back); under ``LightningCLI`` the same arguments
+        arrive as plain config dicts, which are kept so that ``--ckpt_path`` can rebuild the module. Schedules and
+        feature maps are stored as their config dicts.
         """
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-            self.save_hyperparameters()
-        for key in ("student", "optimizer", "lr_scheduler"):
+        # ignored, not deleted after saving (that deep-copies the network); LightningCLI gives config dicts instead
+        ignore = [] if _cli_given_hyperparameters() else [key for key, value in live.items() if callable(value)]
+        self.save_hyperparameters(ignore=ignore)
+        for key in live:
             if callable(self.hparams.get(key)):
                 del self.hparams[key]
         for key, value in self.hparams.items():
@@ -188,6 +188,7 @@ class DistillModule(FactoryModule):
                 self.hparams[key] = value.to_config()
         if self.hparams.get("feature_maps") is not None:
             self.hparams["feature_maps"] = [m.to_config() for m in self.feature_maps]
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers write: the plain form too
 
     # ------------------------------------------------------------------------------------------- hyper-parameters
     def hparam_values(self) -> dict[str, float]:
@@ -588,3 +589,12 @@ class DistillModule(FactoryModule):
         exported.feature_maps = ()
         exported._student_capture = FeatureCapture(role="student")
         return exported.eval()
+
+
+def _cli_given_hyperparameters() -> bool:
+    """Whether ``LightningCLI`` is instantiating the module (it hands ``save_hyperparameters`` the config)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without it: the objects are saved, then dropped
+        return False
+    return _given_hyperparameters.get() is not None

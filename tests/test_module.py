@@ -115,6 +115,25 @@ def test_wrapped_form_reloads_its_hyperparameters_from_a_checkpoint(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_the_logged_hyperparameters_hold_no_network_factory_or_schedule_object(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_distill.schedules import LinearWarmup
+
+    module = DistillModule(
+        student=tiny_student(),
+        alpha=LinearWarmup(0.5, warmup=2),
+        temperature=2.0,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+    )
+    assert {"student", "optimizer"}.isdisjoint(module.hparams_initial) and "temperature" in module.hparams_initial
+    assert module.hparams_initial["alpha"] == module.hparams["alpha"] == LinearWarmup(0.5, warmup=2).to_config()
+    trainer = make_trainer(tmp_path, logger=CSVLogger(tmp_path, name="run", version=""))
+    trainer.fit(module, make_loader())
+    written = (tmp_path / "run" / "hparams.yaml").read_text()  # what the logger wrote: small, plain YAML
+    assert "student" not in written and "!!python" not in written and "temperature: 2.0" in written
+
+
 @pytest.mark.parametrize(
     ("batch", "inputs", "target"),
     [
