@@ -163,6 +163,37 @@ def test_causal_lm_distillation_fits_end_to_end_with_the_callback(tmp_path):
     assert all(torch.isfinite(metrics[k]) for k in ("train/loss", "val/kd_loss", "val/acc", "val/agreement"))
 
 
+class NextTokenOracle(torch.nn.Module):
+    """A perfect causal-LM teacher (it peeks at the sequence): its logits at t put all mass on token t + 1."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        following = torch.roll(input_ids, -1, dims=1)
+        return self.scale * torch.nn.functional.one_hot(following, self.vocab_size).float()
+
+
+def test_a_perfect_causal_lm_teacher_is_not_called_untrained_under_shift_labels(tmp_path):
+    import warnings
+
+    language = MarkovLanguage(vocab_size=64, branching=4, seed=0)
+    loader = DataLoader(MarkovDataset(language, num_sequences=64, max_length=12), batch_size=64)
+    module = DistillModule(student=TinyCausalLM(vocab_size=64, dim=16, heads=2), alpha=0.5, shift_labels=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, limit_val_batches=0, callbacks=[DistillationCallback(NextTokenOracle(64))]).fit(
+            module, loader
+        )
+    assert not [w for w in caught if "looks untrained" in str(w.message)]
+    with pytest.warns(UserWarning, match="looks untrained"):  # scored without the shift, it is at chance
+        make_trainer(tmp_path, limit_val_batches=0, callbacks=[DistillationCallback(NextTokenOracle(64))]).fit(
+            DistillModule(student=TinyCausalLM(vocab_size=64, dim=16, heads=2), alpha=0.5), loader
+        )
+
+
 # -------------------------------------------------------------------------------------------------- teachers mix
 def test_mixture_of_teachers_matches_a_numpy_reference_at_the_temperature():
     torch.manual_seed(0)
