@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_distill.cache import TeacherCache, cache_settings
 from lightning_distill.ensemble import TeacherMixture
 from lightning_distill.module import DistillModule
-from lightning_distill.outputs import example_inputs, next_token_view
+from lightning_distill.outputs import example_inputs
 from lightning_distill.strategies import (
     TeacherSharding,
     check_sharding_option,
@@ -253,7 +253,7 @@ class DistillationCallback(L.Callback):
             if target is not None:
                 logits = outputs.logits
                 if module.shift_labels:  # a causal LM's logits at t predict token t + 1
-                    logits, target, _ = next_token_view(logits, target, None)
+                    logits, target = logits[..., :-1, :], target[..., 1:]
                 _warn_if_chance_level(logits, target, module.ignore_index)
         module.set_teacher_outputs(outputs)
 

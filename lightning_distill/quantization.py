@@ -69,10 +69,13 @@ class QuantizedStudent(nn.Module):
 def qat_qconfig(bits: int = 8, per_channel: bool = True) -> tq.QConfig:
     r"""Fake-quantization settings for ``bits``-bit weights and activations.
 
-    Activations: unsigned, asymmetric per tensor, :math:`[0, 2^b - 1]`, except 8 bits which use :math:`[0, 127]`
-    (x86 / fbgemm kernels accumulate 8-bit activations in 16 bits and can overflow with the full range). Weights:
-    signed, symmetric, :math:`[-2^{b-1}, 2^{b-1} - 1]`, per output channel or per tensor. Moving-average min/max
-    observers (the ``torch.ao`` QAT default).
+    Activations: unsigned, asymmetric per tensor, :math:`[0, 2^b - 1]`. At 8 bits, as PyTorch's own x86 default,
+    the observed range is mapped onto :math:`[0, 127]` (``reduce_range``: the x86 / fbgemm kernels accumulate 8-bit
+    activations in 16 bits and can overflow with the full range) while values beyond it are clamped at 255, exactly
+    as the exported int8 operators clamp, so the fake-quant model and the exported one agree on any input. (Below 8
+    bits the exported operators still hold 8-bit values: an activation beyond the trained :math:`2^b - 1` range is
+    clamped in training but not after export.) Weights: signed, symmetric, :math:`[-2^{b-1}, 2^{b-1} - 1]`, per
+    output channel or per tensor. Moving-average min/max observers (the ``torch.ao`` QAT default).
 
     Example::
 
@@ -81,10 +84,14 @@ def qat_qconfig(bits: int = 8, per_channel: bool = True) -> tq.QConfig:
         (-8, 7)
     """
     _check_bits(bits)
-    act_max = 127 if bits == 8 else 2**bits - 1
-    activation = tq.FakeQuantize.with_args(
-        observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=act_max, dtype=torch.quint8
-    )
+    if bits == 8:
+        activation = _ReducedRangeFakeQuantize.with_args(
+            observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8, reduce_range=True
+        )
+    else:
+        activation = tq.FakeQuantize.with_args(
+            observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=2**bits - 1, dtype=torch.quint8
+        )
     weight_observer = tq.MovingAveragePerChannelMinMaxObserver if per_channel else tq.MovingAverageMinMaxObserver
     weight = tq.FakeQuantize.with_args(
         observer=weight_observer,
@@ -94,6 +101,24 @@ def qat_qconfig(bits: int = 8, per_channel: bool = True) -> tq.QConfig:
         qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
     )
     return tq.QConfig(activation=activation, weight=weight)
+
+
+class _ReducedRangeFakeQuantize(tq.FakeQuantize):
+    """8-bit activation fake quant whose scale maps the observed range onto [0, 127] but which clamps at 255.
+
+    ``torch.ao`` clamps the simulation at 127 under ``reduce_range`` while the exported quint8 operators clamp at 255,
+    so the two disagree on every value beyond the observed range; clamping where the operators clamp removes that.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer_enabled[0] == 1:
+            self.activation_post_process(x.detach())
+            scale, zero_point = self.calculate_qparams()
+            self.scale.resize_(scale.shape).copy_(scale)
+            self.zero_point.resize_(zero_point.shape).copy_(zero_point)
+        if self.fake_quant_enabled[0] == 1:
+            x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+        return x
 
 
 def fusable_groups(model: nn.Module) -> list[list[str]]:

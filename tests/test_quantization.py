@@ -76,6 +76,21 @@ def test_a_student_trained_with_kd_exports_to_int8_close_to_its_fake_quant_outpu
     assert model_bytes(export_quantized(student)) < 0.7 * model_bytes(model())  # int8 weights, float32 biases
 
 
+def test_exported_int8_matches_fake_quant_beyond_the_observed_activation_range(tmp_path):
+    torch.manual_seed(0)
+    student = quantization_aware(MNIST1DTeacher(channels=8), bits=8)
+    _fit(tmp_path, student, epochs=1)
+    student.eval()
+    x = 3 * next(iter(_signals(128, seed=1)))[0]  # three times the training inputs: past every observed maximum
+    with torch.no_grad():
+        fake, real = student(x), export_quantized(student)(x)
+    quant = student.quant.activation_post_process  # the input's fake quant: values beyond its observed max
+    observed_max = float(quant.activation_post_process.max_val)
+    assert float(x.max()) > 1.5 * observed_max
+    step = float(export_quantized(student).model.get_submodule(_last_linear(student)).scale)
+    assert (real - fake).abs().max().item() <= 3 * step
+
+
 def _last_linear(student: QuantizedStudent) -> str:
     return [n for n, m in student.model.named_modules() if isinstance(m, nn.Linear)][-1]
 
