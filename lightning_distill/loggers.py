@@ -63,20 +63,28 @@ def where_logs_are(loggers: list[Logger]) -> str:
     return "\n".join(lines)
 
 
-def read_metric(log_dir: str | Path, key: str) -> list[tuple[int, float]]:
+def read_metric(log_dir: str | Path, key: str, by: str = "epoch") -> list[tuple[int, float]]:
     """``(epoch, value)`` for every row of ``log_dir/metrics.csv`` (a :class:`CSVLogger` log) that has ``key``.
+
+    Args:
+        log_dir: The run's folder (``trainer.log_dir``, ``logger.log_dir``).
+        key: The logged name, e.g. ``"val/acc"``.
+        by: The column paired with each value: ``"epoch"`` (Trainer logs) or ``"step"`` (any log, Fabric's too).
 
     Raises:
         FileNotFoundError: No ``metrics.csv`` in ``log_dir``.
-        KeyError: No row logged ``key``; the message lists the keys that were logged.
+        KeyError: No row logged ``key`` (the message lists the keys that were), or a row with it has no ``by``.
     """
     path = Path(log_dir) / "metrics.csv"
     if not path.is_file():
         raise FileNotFoundError(f"No CSV log at {path}. HINT: pass the folder of a CSVLogger run (trainer.log_dir).")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    points = [(int(float(row["epoch"])), float(row[key])) for row in rows if row.get(key)]
+        every_row = list(csv.DictReader(f))
+    rows = [row for row in every_row if row.get(key)]
+    if any(not row.get(by) for row in rows):
+        raise KeyError(f"Rows of {key!r} in {path} have no {by!r} value. HINT: Fabric logs have no epoch: by='step'.")
+    points = [(int(float(row[by])), float(row[key])) for row in rows]
     if not points:
-        logged = sorted({k for row in rows for k, v in row.items() if v and k not in ("epoch", "step")})
+        logged = sorted({k for row in every_row for k, v in row.items() if v and k not in ("epoch", "step")})
         raise KeyError(f"{key!r} was never logged in {path}; logged keys: {logged}.")
     return points

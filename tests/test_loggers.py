@@ -66,5 +66,18 @@ def test_read_metric_names_what_is_missing(tmp_path: Path) -> None:
         read_metric(tmp_path, "val/acc")
     fit(default_loggers(tmp_path, "run", tensorboard=False))
     assert len(read_metric(tmp_path / "run", "train/loss")) == 6  # 2 steps x 3 epochs
+    assert [step for step, _ in read_metric(tmp_path / "run", "train/loss", by="step")] == [0, 1, 2, 3, 4, 5]
     with pytest.raises(KeyError, match=r"'val/loss' was never logged .* logged keys: \['train/loss', 'val/acc'\]"):
         read_metric(tmp_path / "run", "val/loss")
+
+
+def test_read_metric_by_step_reads_a_fabric_log_and_by_epoch_says_why_not(tmp_path: Path) -> None:
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1, loggers=default_loggers(tmp_path, "loop", tensorboard=False))
+    for step in range(3):
+        fabric.log_dict({"loss": 1.0 / (step + 1)}, step=step)
+    fabric.logger.finalize("success")
+    assert read_metric(tmp_path / "loop", "loss", by="step") == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
+    with pytest.raises(KeyError, match=r"have no 'epoch' value. HINT: Fabric logs have no epoch: by='step'"):
+        read_metric(tmp_path / "loop", "loss")
