@@ -1,0 +1,208 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Scale out: DDP, precision and where the teacher lives
+#
+# Under every strategy the callback keeps the teacher out of the student's strategy wrapper, optimizer and
+# checkpoint. This notebook runs a 2-process DDP fit on CPU from the notebook itself and checks on each rank that the
+# teacher was never wrapped and that both ranks end with the same student; then it runs the teacher under
+# `bf16-mixed` and with its own precision (`teacher_precision="bf16"`), and shows the refusals for combinations that
+# cannot work. The README's "Strategies and precision" table lists every strategy (FSDP, DeepSpeed, ...).
+
+# %%
+import functools
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import matplotlib.pyplot as plt
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_distill import DistillationCallback, DistillModule
+from lightning_distill.data import MNIST1DDataModule
+from lightning_distill.loggers import default_loggers, read_metric, where_logs_are
+from lightning_distill.models import MLPStudent, MNIST1DTeacher
+from lightning_distill.strategies import module_bytes
+
+QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
+OUTPUT = Path("notebook_output") / "06_scale_out"
+OUTPUT.mkdir(parents=True, exist_ok=True)
+torch.set_num_threads(1)  # one thread per process: two DDP processes share the two cores of a small machine
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # hide the Trainer's start-up banner
+warnings.filterwarnings("ignore", message=".*(LeafSpec|log_every_n_steps|num_workers|looks untrained).*")
+
+NUM_TRAIN = 800 if QUICK else None  # None: all 4000 training samples
+EPOCHS = 1 if QUICK else 5
+LIMIT_BATCHES = 4 if QUICK else 1.0
+
+
+def datamodule() -> MNIST1DDataModule:
+    """MNIST-1D (data seed 42); under DDP each rank gets its own shard of every epoch's batches."""
+    return MNIST1DDataModule(data_seed=42, num_train=NUM_TRAIN, batch_size=100)
+
+
+def student_module() -> DistillModule:
+    """The MLP student of the quickstart, distilled with alpha 0.9 and T 4."""
+    torch.manual_seed(1)
+    return DistillModule(
+        student=MLPStudent(hidden=256),
+        alpha=0.9,
+        temperature=4.0,
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+    )
+
+
+def trainer(name: str, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
+    """A CPU Trainer logging to OUTPUT/logs/<name>; keyword arguments choose the strategy, devices, precision."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=EPOCHS,
+        limit_train_batches=LIMIT_BATCHES,
+        limit_val_batches=LIMIT_BATCHES,
+        logger=default_loggers(OUTPUT / "logs", name),
+        log_every_n_steps=1,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+torch.manual_seed(0)
+teacher = MNIST1DTeacher()  # its values do not matter for what is checked here; see 01 for a trained one
+
+# %% [markdown]
+# ## DDP with 2 processes, from the notebook
+#
+# `strategy="ddp_notebook"` forks the notebook's process once per device, so it works in Jupyter where plain `ddp`
+# (which relaunches a script) cannot. A small callback records on every rank what the teacher and the student look
+# like after the fit; the ranks write it to files because a forked process cannot hand objects back to the notebook.
+
+
+# %%
+class RankReport(L.Callback):
+    """Writes, per rank, whether the teacher was wrapped or trained and a checksum of the student's weights."""
+
+    def __init__(self, teacher_callback: DistillationCallback) -> None:
+        self.teacher_callback = teacher_callback
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        teacher = self.teacher_callback.teacher
+        weights = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        report = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "student_wrapped_in_ddp": isinstance(trainer.strategy.model, DistributedDataParallel),
+            "teacher_wrapped_in_ddp": isinstance(teacher, DistributedDataParallel),
+            "teacher_frozen_eval": not teacher.training and not any(p.requires_grad for p in teacher.parameters()),
+            "teacher_in_optimizer": any(
+                p is q
+                for group in trainer.optimizers[0].param_groups
+                for p in group["params"]
+                for q in teacher.parameters()
+            ),
+            "student_checksum": weights.double().sum().item(),
+            "student_equal_on_all_ranks": bool(
+                torch.equal(*trainer.strategy.all_gather(weights).unbind(0))  # rank 0's copy == rank 1's copy
+            ),
+        }
+        (OUTPUT / f"ddp_rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+teacher_callback = DistillationCallback(teacher)
+ddp_trainer = trainer("ddp", [teacher_callback, RankReport(teacher_callback)], strategy="ddp_notebook", devices=2)
+ddp_trainer.fit(student_module(), datamodule=datamodule())
+print(where_logs_are(ddp_trainer.loggers))
+
+reports = [json.loads((OUTPUT / f"ddp_rank{rank}.json").read_text()) for rank in (0, 1)]
+print("| rank | student in DDP | teacher in DDP | teacher frozen, eval | teacher in optimizer | same student |")
+print("|---:|---|---|---|---|---|")
+for r in reports:
+    print(
+        f"| {r['rank']} | {r['student_wrapped_in_ddp']} | {r['teacher_wrapped_in_ddp']} | {r['teacher_frozen_eval']} "
+        f"| {r['teacher_in_optimizer']} | {r['student_equal_on_all_ranks']} |"
+    )
+for r in reports:
+    assert r["world_size"] == 2 and r["student_wrapped_in_ddp"] and r["student_equal_on_all_ranks"]
+    assert not r["teacher_wrapped_in_ddp"] and r["teacher_frozen_eval"] and not r["teacher_in_optimizer"]
+assert reports[0]["student_checksum"] == reports[1]["student_checksum"]
+
+# %% [markdown]
+# Each rank runs its own frozen replica of the teacher on its own batch: the teacher has no gradients, so there is
+# nothing to synchronize and no `find_unused_parameters` to set. Logged metrics are averaged over the ranks with
+# `DistillModule(sync_dist=True)`. A teacher too big for one replica per rank is sharded under FSDP
+# (`teacher_sharding="shard"`, README "Strategies and precision").
+#
+# ## Precision: the Trainer's, or the teacher's own
+#
+# Under `precision="bf16-mixed"` the teacher runs inside the Trainer's autocast, like the student. With
+# `teacher_precision="bf16"` its weights are stored in bfloat16 (half the memory) and it runs outside autocast, for a
+# float32 student. Either way the KD loss is computed in float32. A forward hook on the teacher's head records the
+# dtype of its logits.
+
+# %%
+runs = {}
+for name, trainer_kwargs, callback_kwargs in (
+    ("32-true", {}, {}),
+    ("bf16-mixed", {"precision": "bf16-mixed"}, {}),
+    ("teacher bf16", {}, {"teacher_precision": "bf16"}),
+):
+    seen: list[torch.dtype] = []
+    torch.manual_seed(0)
+    run_teacher = MNIST1DTeacher()
+    run_teacher.head.register_forward_hook(lambda module, args, output, seen=seen: seen.append(output.dtype))
+    run_callback = DistillationCallback(run_teacher, **callback_kwargs)
+    run = trainer(name.replace(" ", "_"), [run_callback], devices=1, **trainer_kwargs)
+    run.fit(student_module(), datamodule=datamodule())
+    kd_loss = read_metric(run.log_dir, "train/kd_loss")
+    runs[name] = {"logits": seen[0], "teacher_mib": module_bytes(run_callback.teacher) / 2**20, "kd_loss": kd_loss}
+    print(
+        f"{name:>12}: teacher logits {seen[0]}, teacher {runs[name]['teacher_mib']:.3f} MiB, "
+        f"last train/kd_loss {kd_loss[-1][1]:.4f}"
+    )
+print(where_logs_are(run.loggers))
+
+assert runs["32-true"]["logits"] == torch.float32
+assert runs["bf16-mixed"]["logits"] == torch.bfloat16  # inside the Trainer's autocast
+assert runs["teacher bf16"]["logits"] == torch.bfloat16  # its own precision, weights stored in bf16
+assert runs["teacher bf16"]["teacher_mib"] == runs["32-true"]["teacher_mib"] / 2
+
+# %%
+fig, (memory, losses) = plt.subplots(1, 2, figsize=(11, 3.8))
+memory.bar(list(runs), [r["teacher_mib"] for r in runs.values()], color=["C0", "C1", "C2"])
+memory.set(ylabel="MiB", title="teacher weights held per process")
+for name, r in runs.items():
+    losses.plot([v for _, v in r["kd_loss"]], label=name)
+losses.set(xlabel="step", ylabel="train/kd_loss", title="KD loss per step (float32 math in every run)")
+losses.legend()
+fig.tight_layout()
+fig.savefig(OUTPUT / "precision.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# ## Combinations that cannot work are refused, with the reason
+#
+# Sharding needs a sharding strategy; a device this machine does not have is named; both are caught at setup, before
+# any training step.
+
+# %%
+for name, callback, kwargs in (
+    ("shard under a single device", DistillationCallback(teacher, teacher_sharding="shard"), {}),
+    ("a device that is not here", DistillationCallback(teacher, teacher_device="cuda:3"), {}),
+):
+    try:
+        trainer("refused", [callback], devices=1, **kwargs).fit(student_module(), datamodule=datamodule())
+    except (ValueError, RuntimeError) as error:
+        print(f"{name}: {type(error).__name__}: {error}\n")
+    else:
+        raise AssertionError(f"{name} must be refused")
