@@ -90,7 +90,8 @@ class Outcome:
 def run_one(benchmark: Benchmark, quick: bool, results: Path, scratch: Path) -> Outcome:
     """Run one benchmark, letting its progress and errors (stderr) through and capturing its report (stdout)."""
     cmd = benchmark.command(quick, results, scratch)
-    shown = " ".join(["python", *cmd[1:]]).replace(str(ROOT) + os.sep, "")
+    shown = " ".join(["python", *cmd[1:]]).replace(str(ROOT) + os.sep, "").replace(str(scratch) + os.sep, "")
+    shown = shown.replace("python -m lightning_distill.cli demo", "lightning-distill demo")
     print(f"\n=== {benchmark.name}: {shown}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False)  # stderr streams through

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import Logger
 
 from lightning_distill.callback import DistillationCallback
 from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import default_loggers, read_metric, where_logs_are
+from lightning_distill.loggers import default_loggers, logged_trainer, read_metric, where_logs_are
 from lightning_distill.models import MLPStudent, MNIST1DTeacher
 from lightning_distill.module import DistillModule
 
@@ -71,21 +70,8 @@ class RunResult:
     fit_seconds: float
 
 
-def _loggers(config: DemoConfig, name: str) -> list[Logger]:
-    return default_loggers(config.output / "logs", name, tensorboard=config.tensorboard)
-
-
 def _trainer(config: DemoConfig, name: str, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=_loggers(config, name),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return logged_trainer(config.output / "logs", name, epochs, callbacks, tensorboard=config.tensorboard)
 
 
 def _fit_and_test(
@@ -263,4 +249,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_outputs(config, results)
     print(markdown_table(summarize(results)))
     print(f"\nTotal wall time {time.perf_counter() - start:.0f} s. Results, plot and logs in {config.output}/")
-    print(f"Logs of the last run:\n{where_logs_are(_loggers(config, 'distilled_seed0'))}")
+    loggers = default_loggers(config.output / "logs", "distilled_seed0", tensorboard=config.tensorboard)
+    print(f"Logs of the first distilled run:\n{where_logs_are(loggers)}")

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 
@@ -48,6 +51,33 @@ def default_loggers(save_dir: str | Path, name: str, tensorboard: bool | None = 
     if tensorboard or (tensorboard is None and tensorboard_available()):
         loggers.append(TensorBoardLogger(save_dir / "tensorboard", name=name, version="", default_hp_metric=False))
     return loggers
+
+
+def logged_trainer(
+    save_dir: str | Path,
+    name: str,
+    max_epochs: int,
+    callbacks: Sequence[L.Callback] = (),
+    *,
+    tensorboard: bool | None = None,
+    **trainer_kwargs: Any,
+) -> L.Trainer:
+    """A quiet one-device CPU ``Trainer`` (no checkpoints, progress bar or summary) logging to ``save_dir/name``.
+
+    What the demo and the notebooks train with; ``trainer_kwargs`` override or add any ``Trainer`` argument.
+    ``tensorboard`` is passed to :func:`default_loggers`.
+    """
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": max_epochs,
+        "logger": default_loggers(save_dir, name, tensorboard=tensorboard),
+        "callbacks": list(callbacks),
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return L.Trainer(**{**settings, **trainer_kwargs})
 
 
 def where_logs_are(loggers: list[Logger]) -> str:

@@ -29,7 +29,7 @@ import torch
 
 from lightning_distill import DistillationCallback, DistillModule
 from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import default_loggers, read_metric, where_logs_are
+from lightning_distill.loggers import logged_trainer, read_metric, where_logs_are
 from lightning_distill.models import MLPStudent, MNIST1DTeacher
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
@@ -69,17 +69,7 @@ def datamodule() -> MNIST1DDataModule:
 
 def trainer(name: str, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
     """A CPU Trainer that logs to OUTPUT/logs/<name> (CSV, and TensorBoard when installed)."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=default_loggers(OUTPUT / "logs", name),
-        callbacks=callbacks,
-        log_every_n_steps=LOG_EVERY_N_STEPS,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return logged_trainer(OUTPUT / "logs", name, epochs, callbacks, log_every_n_steps=LOG_EVERY_N_STEPS)
 
 
 # %% [markdown]

@@ -29,7 +29,7 @@ import torch
 
 from lightning_distill import DistillationCallback, DistillModule
 from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import default_loggers, read_metric, where_logs_are
+from lightning_distill.loggers import logged_trainer, read_metric, where_logs_are
 from lightning_distill.models import MLPStudent, MNIST1DTeacher
 from lightning_distill.schedules import LinearWarmup
 
@@ -52,8 +52,8 @@ warnings.filterwarnings("ignore", message=".*(LeafSpec|log_every_n_steps).*")  #
 # %%
 NUM_TRAIN = 400 if QUICK else None  # None: all 3500 samples left after the validation split
 BATCH_SIZE = 100
-TEACHER_EPOCHS = 5 if QUICK else 20
-STUDENT_EPOCHS = 1 if QUICK else 10
+TEACHER_EPOCHS = 5 if QUICK else 30
+STUDENT_EPOCHS = 1 if QUICK else 30
 ALPHAS = [0.0, 0.9] if QUICK else [0.0, 0.5, 0.9, 1.0]
 TEMPERATURES = [1.0, 4.0] if QUICK else [1.0, 2.0, 4.0, 8.0]
 
@@ -65,17 +65,7 @@ def datamodule() -> MNIST1DDataModule:
 
 def trainer(name: str, epochs: int, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
     """A CPU Trainer that logs to OUTPUT/logs/<name> (CSV, and TensorBoard when installed)."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=default_loggers(OUTPUT / "logs", name),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return logged_trainer(OUTPUT / "logs", name, epochs, callbacks, **kwargs)
 
 
 # %% [markdown]

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_distill import DistillationCallback, DistillModule, TeacherCache
 from lightning_distill.data import IndexedDataset, MNIST1DDataModule
-from lightning_distill.loggers import default_loggers, where_logs_are
+from lightning_distill.loggers import logged_trainer, where_logs_are
 from lightning_distill.models import MLPStudent, MNIST1DTeacher
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
@@ -70,18 +70,7 @@ print(f"{len(train_set)} training samples ({BATCHES} batches of {BATCH_SIZE}), {
 
 def trainer(name: str, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
     """A CPU Trainer that logs to OUTPUT/logs/<name>; no validation loop, so epoch times are training only."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=default_loggers(OUTPUT / "logs", name),
-        callbacks=callbacks,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return logged_trainer(OUTPUT / "logs", name, epochs, callbacks, limit_val_batches=0, log_every_n_steps=1)
 
 
 def accuracy(model: nn.Module) -> float:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from lightning_distill import DistillationCallback, DistillModule, TeacherOutputs
 from lightning_distill.data.markov import MarkovDataset, MarkovLanguage
 from lightning_distill.ensemble import TeacherMixture
-from lightning_distill.loggers import default_loggers, read_metric, where_logs_are
+from lightning_distill.loggers import logged_trainer, read_metric, where_logs_are
 from lightning_distill.sequence_models import TinyCausalLM
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
@@ -92,17 +92,7 @@ for key, values in item.items():
 # %%
 def trainer(name: str, epochs: int, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
     """A CPU Trainer that logs to OUTPUT/logs/<name> (CSV, and TensorBoard when installed)."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=default_loggers(OUTPUT / "logs", name),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return logged_trainer(OUTPUT / "logs", name, epochs, callbacks, **kwargs)
 
 
 def fit_lm(

@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_distill import DistillationCallback, DistillModule
 from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import default_loggers, where_logs_are
+from lightning_distill.loggers import logged_trainer, where_logs_are
 from lightning_distill.models import MNIST1DTeacher
 from lightning_distill.quantization import (
     FreezeQuantization,
@@ -70,16 +70,7 @@ def datamodule() -> MNIST1DDataModule:
 
 def trainer(name: str, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
     """A CPU Trainer that logs to OUTPUT/logs/<name> (CSV, and TensorBoard when installed)."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=default_loggers(OUTPUT / "logs", name),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return logged_trainer(OUTPUT / "logs", name, epochs, callbacks)
 
 
 dm = datamodule()

@@ -10,7 +10,13 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_distill import loggers as loggers_module
-from lightning_distill.loggers import default_loggers, read_metric, tensorboard_available, where_logs_are
+from lightning_distill.loggers import (
+    default_loggers,
+    logged_trainer,
+    read_metric,
+    tensorboard_available,
+    where_logs_are,
+)
 
 
 class EpochLogger(L.LightningModule):
@@ -81,3 +87,10 @@ def test_read_metric_by_step_reads_a_fabric_log_and_by_epoch_says_why_not(tmp_pa
     assert read_metric(tmp_path / "loop", "loss", by="step") == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
     with pytest.raises(KeyError, match=r"have no 'epoch' value. HINT: Fabric logs have no epoch: by='step'"):
         read_metric(tmp_path / "loop", "loss")
+
+
+def test_logged_trainer_logs_where_default_loggers_say_and_takes_overrides(tmp_path: Path) -> None:
+    trainer = logged_trainer(tmp_path, "run", 2, tensorboard=False, limit_train_batches=3, log_every_n_steps=1)
+    assert (trainer.max_epochs, trainer.limit_train_batches, trainer.log_every_n_steps) == (2, 3, 1)
+    assert [type(lg) for lg in trainer.loggers] == [CSVLogger] and Path(trainer.log_dir) == tmp_path / "run"
+    assert trainer.checkpoint_callback is None and not trainer.progress_bar_callback
