@@ -157,8 +157,13 @@ plt.show()
 # only, so it cannot beat a teacher that is wrong on some samples; an α below 1 keeps the labels as an anchor. At
 # T = 1 the teacher's distribution is nearly one-hot and carries little more than the label; a higher T exposes
 # the teacher's ranking of the wrong classes ("dark knowledge"), and the T² factor in the loss keeps the KD
-# gradients on the same scale as T grows. Each cell is a single seed, so differences of a point or so between
-# neighbours are within run-to-run noise: use several seeds before reading much into one cell.
+# gradients on the same scale as T grows.
+#
+# Each cell is a single run scored on 500 samples, so it is noisy. In two full runs of this notebook (seed 0, and
+# the same with seed 1) every distilled cell scored at least as high as the student alone (68.2 % and 68.6 %), most
+# by 2 points or more and by up to 6.4, but the best cell moved (α = 0.5 with T = 8, then with T = 4) and
+# neighbouring cells differed by up to 6 points with no consistent pattern in α or T. So on this data the grid says
+# "distill", not which cell is best: average several seeds per cell before trusting finer differences.
 
 # %% [markdown]
 # ## Choose on validation, report on test, once
@@ -177,8 +182,8 @@ print("| model | α | T | test accuracy |\n|---|---:|---:|---:|")
 for label, (alpha, temperature), acc in rows:
     print(f"| {label} | {alpha:g} | {temperature:g} | {100 * acc:.1f} % |")
 assert all(0.0 <= acc <= 1.0 for *_, acc in rows)
-if not QUICK:
-    assert best_alpha > 0, "distillation should beat the student alone somewhere on the grid"
+if not QUICK:  # measured: +4.1 points (seed 0) and +3.6 points (seed 1) on the 1000 test samples
+    assert best_alpha > 0 and rows[1][2] > rows[0][2], "the chosen distilled student should beat the student alone"
 
 # %% [markdown]
 # ## Schedules
@@ -228,6 +233,7 @@ fig.savefig(OUTPUT / "dkd_schedule.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# The schedule is part of the recipe, so it is tuned like α and T: on the validation split. Compare the DKD run's
-# validation accuracy printed above with the heat map's best cell before adopting it, and report the test accuracy
-# of whichever wins only once.
+# The schedule is part of the recipe, so it is tuned like α and T: on the validation split. In the two full runs
+# this DKD recipe (not tuned here: α = 0.5 and the paper's weights) reached 70.2 % and 71.2 % on validation, above
+# the student alone but below the best cell of the grid, so the grid's choice stands; the test split is not touched
+# again for it.

@@ -11,10 +11,12 @@
 # Under every strategy the callback keeps the teacher out of the student's strategy wrapper, optimizer and
 # checkpoint. This notebook runs a 2-process DDP fit on CPU from the notebook itself and checks on each rank that the
 # teacher was never wrapped and that both ranks end with the same student; then it runs the teacher under
-# `bf16-mixed` and with its own precision (`teacher_precision="bf16"`), and shows the refusals for combinations that
-# cannot work. The README's "Strategies and precision" table lists every strategy (FSDP, DeepSpeed, ...).
+# `bf16-mixed` and with its own precision (`teacher_precision="bf16"`), shows when the teacher is replicated or
+# sharded (`teacher_sharding`), and the refusals for combinations that cannot work. The README's "Strategies and
+# precision" table lists every strategy (FSDP, DeepSpeed, ...).
 
 # %%
+import copy
 import functools
 import json
 import logging
@@ -29,16 +31,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_distill import DistillationCallback, DistillModule
 from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import default_loggers, read_metric, where_logs_are
+from lightning_distill.loggers import logged_trainer, read_metric, where_logs_are
 from lightning_distill.models import MLPStudent, MNIST1DTeacher
-from lightning_distill.strategies import module_bytes
+from lightning_distill.strategies import AUTO_SHARD_BYTES, module_bytes, resolve_sharding
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
 OUTPUT = Path("notebook_output") / "06_scale_out"
 OUTPUT.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)  # one thread per process: two DDP processes share the two cores of a small machine
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # hide the Trainer's start-up banner
-warnings.filterwarnings("ignore", message=".*(LeafSpec|log_every_n_steps|num_workers|looks untrained).*")
+warnings.filterwarnings("ignore", message=".*(LeafSpec|log_every_n_steps|num_workers).*")  # version, tiny data
 
 NUM_TRAIN = 800 if QUICK else None  # None: all 4000 training samples
 EPOCHS = 1 if QUICK else 5
@@ -61,32 +63,42 @@ def student_module() -> DistillModule:
     )
 
 
-def trainer(name: str, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
+def trainer(
+    name: str, callbacks: list[L.Callback], epochs: int = EPOCHS, limit_batches: float = LIMIT_BATCHES, **kwargs: object
+) -> L.Trainer:
     """A CPU Trainer logging to OUTPUT/logs/<name>; keyword arguments choose the strategy, devices, precision."""
-    return L.Trainer(
-        accelerator="cpu",
-        max_epochs=EPOCHS,
-        limit_train_batches=LIMIT_BATCHES,
-        limit_val_batches=LIMIT_BATCHES,
-        logger=default_loggers(OUTPUT / "logs", name),
+    return logged_trainer(
+        OUTPUT / "logs",
+        name,
+        epochs,
+        callbacks,
+        limit_train_batches=limit_batches,
+        limit_val_batches=limit_batches,
         log_every_n_steps=1,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         **kwargs,
     )
 
 
+# The teacher: MNIST1DTeacher trained alone (alpha=0, no callback), as in the quickstart, then exported frozen.
 torch.manual_seed(0)
-teacher = MNIST1DTeacher()  # its values do not matter for what is checked here; see 01 for a trained one
+teacher_module = DistillModule(
+    student=MNIST1DTeacher(), alpha=0.0, optimizer=functools.partial(torch.optim.Adam, lr=5e-3)
+)
+teacher_trainer = trainer("teacher", [], epochs=5 if QUICK else 20, limit_batches=1.0, devices=1)
+teacher_trainer.fit(teacher_module, datamodule=datamodule())
+print(f"teacher held-out accuracy: {100 * teacher_trainer.callback_metrics['val/acc'].item():.1f} %")
+teacher = teacher_module.export_student()
 
 # %% [markdown]
 # ## DDP with 2 processes, from the notebook
 #
 # `strategy="ddp_notebook"` forks the notebook's process once per device, so it works in Jupyter where plain `ddp`
-# (which relaunches a script) cannot. A small callback records on every rank what the teacher and the student look
-# like after the fit; the ranks write it to files because a forked process cannot hand objects back to the notebook.
+# (which relaunches a script) cannot; the test suite runs this very cell in a Jupyter kernel. The forked processes
+# inherit everything defined above (data, teacher, the callback class), so nothing needs to be pickled. On a GPU
+# machine the notebook must not touch CUDA before the fit (a forked process cannot reuse a CUDA context).
+# A small callback records on every rank what the teacher and the student look like after the fit; the ranks write
+# it to files because a forked process cannot hand objects back to the notebook (Lightning returns only rank 0's
+# trained weights to it).
 
 
 # %%
@@ -111,6 +123,7 @@ class RankReport(L.Callback):
                 for p in group["params"]
                 for q in teacher.parameters()
             ),
+            "teacher_sharded": self.teacher_callback.teacher_sharded,  # what teacher_sharding="auto" chose
             "student_checksum": weights.double().sum().item(),
             "student_equal_on_all_ranks": bool(
                 torch.equal(*trainer.strategy.all_gather(weights).unbind(0))  # rank 0's copy == rank 1's copy
@@ -135,6 +148,7 @@ for r in reports:
 for r in reports:
     assert r["world_size"] == 2 and r["student_wrapped_in_ddp"] and r["student_equal_on_all_ranks"]
     assert not r["teacher_wrapped_in_ddp"] and r["teacher_frozen_eval"] and not r["teacher_in_optimizer"]
+    assert not r["teacher_sharded"]  # "auto" replicates under DDP
 assert reports[0]["student_checksum"] == reports[1]["student_checksum"]
 
 # %% [markdown]
@@ -158,8 +172,7 @@ for name, trainer_kwargs, callback_kwargs in (
     ("teacher bf16", {}, {"teacher_precision": "bf16"}),
 ):
     seen: list[torch.dtype] = []
-    torch.manual_seed(0)
-    run_teacher = MNIST1DTeacher()
+    run_teacher = copy.deepcopy(teacher)  # teacher_precision="bf16" converts the weights of the one it is given
     run_teacher.head.register_forward_hook(lambda module, args, output, seen=seen: seen.append(output.dtype))
     run_callback = DistillationCallback(run_teacher, **callback_kwargs)
     run = trainer(name.replace(" ", "_"), [run_callback], devices=1, **trainer_kwargs)
@@ -190,19 +203,71 @@ fig.savefig(OUTPUT / "precision.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# ## Combinations that cannot work are refused, with the reason
+# ## Replicate or shard: what `teacher_sharding="auto"` decides
 #
-# Sharding needs a sharding strategy; a device this machine does not have is named; both are caught at setup, before
-# any training step.
+# A full teacher replica per process is the simplest and fastest choice while the teacher fits. Under the FSDP family
+# (`strategy="fsdp"`, `ModelParallelStrategy`) it can instead be sharded across the processes with FSDP2, each unit
+# gathered only for its forward. `teacher_sharding="auto"` (the default) shards there from 1 GiB of teacher weights
+# and replicates everywhere else; `"replicate"` and `"shard"` force a choice, and `"shard"` is refused where nothing
+# can shard. The decision is a pure function of the option, the strategy's kind and the teacher's bytes, so the
+# table below is what `DistillationCallback.setup` would decide (the 2-process FSDP2 run itself is in the test suite
+# and in `benchmarks/sharding.py`: half the teacher's bytes per rank).
 
 # %%
-for name, callback, kwargs in (
-    ("shard under a single device", DistillationCallback(teacher, teacher_sharding="shard"), {}),
-    ("a device that is not here", DistillationCallback(teacher, teacher_device="cuda:3"), {}),
+small, large = module_bytes(teacher), 4 << 30  # this teacher (~27 KB) and a 4 GiB one
+kinds = {
+    "single": "SingleDeviceStrategy",
+    "ddp": "DDPStrategy",
+    "deepspeed": "DeepSpeedStrategy",
+    "fsdp": "FSDPStrategy",
+    "model_parallel": "ModelParallelStrategy",
+}
+decisions = {}
+print("| strategy | auto, this teacher | auto, 4 GiB teacher | replicate | shard |\n|---|---|---|---|---|")
+for kind, strategy_name in kinds.items():
+    cells = []
+    for option, size in (("auto", small), ("auto", large), ("replicate", large), ("shard", large)):
+        try:
+            cells.append("shard" if resolve_sharding(option, kind, strategy_name, size) else "replicate")
+        except ValueError:
+            cells.append("refused")
+    decisions[kind] = cells
+    print(f"| {strategy_name} | " + " | ".join(cells) + " |")
+assert decisions["ddp"] == ["replicate", "replicate", "replicate", "refused"]
+assert decisions["fsdp"] == decisions["model_parallel"] == ["replicate", "shard", "replicate", "shard"]
+assert AUTO_SHARD_BYTES == 1 << 30
+
+# %% [markdown]
+# ## Combinations that cannot work are refused, with the reason
+#
+# Some are caught when the callback is built: an unknown option, or a sharded teacher that should also stay on one
+# `teacher_device`.
+
+# %%
+for name, kwargs in (
+    ("an unknown option", {"teacher_sharding": "half"}),
+    ("shard and a teacher_device", {"teacher_sharding": "shard", "teacher_device": "cpu"}),
 ):
     try:
-        trainer("refused", [callback], devices=1, **kwargs).fit(student_module(), datamodule=datamodule())
+        DistillationCallback(teacher, **kwargs)
+    except ValueError as error:
+        print(f"{name}: ValueError: {error}\n")
+    else:
+        raise AssertionError(f"{name} must be refused")
+
+# %% [markdown]
+# Others depend on the Trainer, so they are caught in `setup`, before any training step: sharding under a strategy
+# that does not shard (with the strategy's name and the fix), and a device this machine does not have.
+
+# %%
+for name, callback, expected in (
+    ("shard under a single device", DistillationCallback(teacher, teacher_sharding="shard"), "SingleDeviceStrategy"),
+    ("a device that is not here", DistillationCallback(teacher, teacher_device="cuda:3"), "cuda:3"),
+):
+    try:
+        trainer("refused", [callback], devices=1).fit(student_module(), datamodule=datamodule())
     except (ValueError, RuntimeError) as error:
         print(f"{name}: {type(error).__name__}: {error}\n")
+        assert expected in str(error)
     else:
         raise AssertionError(f"{name} must be refused")
