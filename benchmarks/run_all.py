@@ -144,34 +144,32 @@ def update_readme(readme: Path, outcomes: Sequence[Outcome], stamp: str) -> list
 
 
 def write_index(results: Path, outcomes: Sequence[Outcome], stamp: str) -> None:
-    """``results/README.md``: the machine (from the first report) and one row per benchmark."""
-    machine = next(
-        (
-            [line for line in o.report.splitlines() if line.startswith(("- CPU", "- Python"))]
-            for o in outcomes
-            if "- CPU" in o.report
-        ),
-        [],
-    )
-    rows = [
-        f"| `{o.benchmark.name}` | `{o.command}` | {o.benchmark.seeds} | {o.seconds:.0f} | "
+    """``results/README.md``: the machine and one row per benchmark; rows of benchmarks not run this time are kept."""
+    index = results / "README.md"
+    old = index.read_text().splitlines() if index.exists() else []
+    kept = {m[1]: line for line in old if (m := re.match(r"\| `([a-z_]+)` \|", line))}
+    reports = [o.report.splitlines() for o in outcomes if "- CPU" in o.report]
+    machine = [line for line in (reports[0] if reports else old) if line.startswith(("- CPU", "- Python"))]
+    fresh = {
+        o.benchmark.name: f"| `{o.benchmark.name}` | `{o.command}` | {o.benchmark.seeds} | {stamp} | {o.seconds:.0f} | "
         + ("ok" if o.returncode == 0 else f"FAILED ({o.returncode})")
         + f" | [{o.benchmark.name}.md]({o.benchmark.name}.md) |"
         for o in outcomes
-    ]
+    }
+    rows = [fresh.get(name) or kept[name] for name in NAMES if name in fresh or name in kept]
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `python benchmarks/run_all.py` on {stamp}. Every figure is a median (timings) or a mean ± std "
-        "over the seeds listed (accuracy); each report gives its own details.",
+        "Written by `python benchmarks/run_all.py`. Every figure is a median (timings) or a mean ± std over the seeds "
+        "listed (accuracy); each report gives its own details and the machine's load.",
         "",
         *machine,
         "",
-        "| benchmark | command | seeds | wall s | status | report |",
-        "|---|---|---|---:|---|---|",
+        "| benchmark | command | seeds | run on | wall s | status | report |",
+        "|---|---|---|---|---:|---|---|",
         *rows,
     ]
-    (results / "README.md").write_text("\n".join(lines) + "\n")
+    index.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
