@@ -29,7 +29,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import bar_panel, benchmark_trainer, machine_description, mean_std, start_run
+from common import bar_panel, benchmark_trainer, machine_description, mean_std, pyplot, save_figure, start_run
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, TeacherCache
@@ -103,10 +103,7 @@ def fit(
 
 def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Left: step time per variant (and the 1.10x target); right: test accuracy per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     steps = {variant: [r["step_ms"] for r in results[variant]] for variant in VARIANTS}
@@ -116,10 +113,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     left.legend(fontsize=8, loc="upper left")
     accs = {variant: [100 * r["acc"] for r in results[variant]] for variant in VARIANTS}
     bar_panel(right, accs, "test acc (%)", "Test accuracy (mean ± std; dots: seeds)", zoom=True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

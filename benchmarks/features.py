@@ -62,7 +62,16 @@ from typing import Literal, get_args
 
 import lightning as L
 import torch
-from common import bar_panel, benchmark_trainer, machine_description, mean_std, quartiles, start_run
+from common import (
+    bar_panel,
+    benchmark_trainer,
+    machine_description,
+    mean_std,
+    pyplot,
+    quartiles,
+    save_figure,
+    start_run,
+)
 from overhead import Config as TimingConfig
 from overhead import RunTimes, fit_with_timers, make_dataset
 from torch import nn
@@ -295,10 +304,7 @@ def overhead_table(config: Config, rounds: Sequence[dict[int, RunTimes]]) -> lis
 
 def plot(results: Sequence[Result] | None, rounds: Sequence[dict[int, RunTimes]] | None, path: Path) -> None:
     """Left: student test accuracy per variant; right: step time against the number of maps (the parts run)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = int(results is not None) + int(rounds is not None)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
@@ -318,10 +324,7 @@ def plot(results: Sequence[Result] | None, rounds: Sequence[dict[int, RunTimes]]
         right.set_title("Step time vs number of maps (ratio vs 0 maps)")
         right.legend(fontsize=8, loc="lower right")
         right.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from cache import accuracy, data
-from common import bar_panel, benchmark_trainer, machine_description, mean_std, start_run
+from common import bar_panel, benchmark_trainer, machine_description, mean_std, pyplot, save_figure, start_run
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, DistillModule
@@ -79,10 +79,7 @@ def plot(
     float_acc: float, results: Mapping[tuple[int, bool], list[float]], latency: Mapping[str, list[float]], path: Path
 ) -> None:
     """Left: test accuracy per variant; middle and right: latency float vs int8 at batch 1 and batch 1000."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, *right) = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2.2, 1, 1]})
     accs = {"float": [float_acc]}
@@ -94,10 +91,7 @@ def plot(
     for index, (ax, batch) in enumerate(zip(right, (1, 1000), strict=True)):
         times = {name: [ms[index]] for name, ms in latency.items()}
         bar_panel(ax, times, "latency (ms, median)", f"Latency, batch {batch}", digits=3 if batch == 1 else 2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -64,7 +64,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import benchmark_trainer, machine_description, mean_std, start_run
+from common import benchmark_trainer, machine_description, mean_std, pyplot, save_figure, start_run
 from torch import Tensor, nn
 
 from lightning_distill import SelfDistillModule
@@ -316,10 +316,7 @@ def sweep_table(config: Config, results: Sequence[SeedResult], loader: str) -> l
 
 def plot(results: Sequence[SeedResult], path: Path) -> None:
     """Left: per-exit test accuracy per variant; right: accuracy vs measured speed-up over thresholds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant, marker in zip(VARIANTS, "sov", strict=True):
@@ -352,10 +349,7 @@ def plot(results: Sequence[SeedResult], path: Path) -> None:
     right.set_title("Early exit over thresholds (self-distilled)")
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

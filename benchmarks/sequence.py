@@ -40,7 +40,9 @@ from common import (
     machine_description,
     mean_std,
     proc_status_mb,
+    pyplot,
     reset_peak_rss,
+    save_figure,
     start_run,
 )
 from torch.utils.data import DataLoader
@@ -157,10 +159,7 @@ def plot(
     path: Path,
 ) -> None:
     """Left: peak memory, middle: time of the KD loss naive vs chunked; right: held-out perplexity per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (memory, seconds, ppl) = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.6]})
     labels = {"naive": "naive", "chunked": f"chunked ({CHUNK})"}
@@ -173,10 +172,7 @@ def plot(
     times = {labels[name]: [1e3 * r["seconds"] for r in runs] for name, runs in measured.items()}
     bar_panel(seconds, times, "KD loss: ms per forward + backward", "Time (mean ± std; dots: rounds)", digits=0)
     bar_panel(ppl, perplexities, "held-out perplexity", "Perplexity (mean ± std; dots: seeds)", digits=2, zoom=True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
