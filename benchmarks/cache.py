@@ -101,7 +101,7 @@ def fit(
     }
 
 
-def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> str:
     """Left: step time per variant (and the 1.10x target); right: test accuracy per variant."""
     plt = pyplot()
 
@@ -113,7 +113,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     left.legend(fontsize=8, loc="upper left")
     accs = {variant: [100 * r["acc"] for r in results[variant]] for variant in VARIANTS}
     bar_panel(right, accs, "test acc (%)", "Test accuracy (mean ± std; dots: seeds)", zoom=True)
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -174,8 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'met' if statistics.median(cached) <= 1.10 else 'NOT met'} ({statistics.median(cached):.2f}x).",
     ]
     if args.plot is not None:
-        plot(results, args.plot)
-        lines.append(f"Plot: `{args.plot}` ({args.plot.stat().st_size / 1e3:.0f} KB).")
+        lines.append(plot(results, args.plot))
     return run.finish(lines, None)
 
 

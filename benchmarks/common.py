@@ -103,12 +103,13 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
-    """Lay ``fig`` out, save it as a PNG at ``path`` (creating its folder) and close it."""
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> str:
+    """Lay ``fig`` out, save it as a PNG at ``path`` (creating its folder), close it; return the report's line."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+    return f"Plot: `{path}` ({path.stat().st_size / 1e3:.0f} KB)."
 
 
 def reset_peak_rss() -> bool:

@@ -302,7 +302,7 @@ def overhead_table(config: Config, rounds: Sequence[dict[int, RunTimes]]) -> lis
     return lines
 
 
-def plot(results: Sequence[Result] | None, rounds: Sequence[dict[int, RunTimes]] | None, path: Path) -> None:
+def plot(results: Sequence[Result] | None, rounds: Sequence[dict[int, RunTimes]] | None, path: Path) -> str:
     """Left: student test accuracy per variant; right: step time against the number of maps (the parts run)."""
     plt = pyplot()
 
@@ -324,7 +324,7 @@ def plot(results: Sequence[Result] | None, rounds: Sequence[dict[int, RunTimes]]
         right.set_title("Step time vs number of maps (ratio vs 0 maps)")
         right.legend(fontsize=8, loc="lower right")
         right.grid(alpha=0.3)
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -382,8 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds = run_overhead(config, log)
         lines += ["### Step time with N feature maps", "", *overhead_table(config, rounds), ""]
     if args.plot is not None:
-        plot(results, rounds, args.plot)
-        lines.append(f"Plot: `{args.plot}` ({args.plot.stat().st_size / 1e3:.0f} KB).")
+        lines.append(plot(results, rounds, args.plot))
     return run.finish(lines, args.markdown)
 
 

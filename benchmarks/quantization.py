@@ -77,7 +77,7 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 def plot(
     float_acc: float, results: Mapping[tuple[int, bool], list[float]], latency: Mapping[str, list[float]], path: Path
-) -> None:
+) -> str:
     """Left: test accuracy per variant; middle and right: latency float vs int8 at batch 1 and batch 1000."""
     plt = pyplot()
 
@@ -91,7 +91,7 @@ def plot(
     for index, (ax, batch) in enumerate(zip(right, (1, 1000), strict=True)):
         times = {name: [ms[index]] for name, ms in latency.items()}
         bar_panel(ax, times, "latency (ms, median)", f"Latency, batch {batch}", digits=3 if batch == 1 else 2)
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -165,8 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"student within 1 pt of the float model: {'met' if gap >= -1.0 else 'NOT met'} ({gap:+.1f} pts).",
     ]
     if args.plot is not None:
-        plot(float_acc, results, latency, args.plot)
-        lines.append(f"Plot: `{args.plot}` ({args.plot.stat().st_size / 1e3:.0f} KB).")
+        lines.append(plot(float_acc, results, latency, args.plot))
     return run.finish(lines, None)
 
 

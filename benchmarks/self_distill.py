@@ -314,7 +314,7 @@ def sweep_table(config: Config, results: Sequence[SeedResult], loader: str) -> l
     return [*lines, ""]
 
 
-def plot(results: Sequence[SeedResult], path: Path) -> None:
+def plot(results: Sequence[SeedResult], path: Path) -> str:
     """Left: per-exit test accuracy per variant; right: accuracy vs measured speed-up over thresholds."""
     plt = pyplot()
 
@@ -349,7 +349,7 @@ def plot(results: Sequence[SeedResult], path: Path) -> None:
     right.set_title("Early exit over thresholds (self-distilled)")
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
-    save_figure(fig, path, dpi=90)
+    return save_figure(fig, path, dpi=90)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -405,8 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for loader in results[0].sweeps:
         lines += sweep_table(config, results, loader)
     figure = args.output / "self_distill.png"
-    plot(results, figure)
-    lines.append(f"Plot: `{figure}` ({figure.stat().st_size / 1e3:.0f} KB).")
+    lines.append(plot(results, figure))
     return run.finish(lines, args.markdown)
 
 

@@ -157,7 +157,7 @@ def plot(
     one_chunk_mb: float,
     perplexities: Mapping[str, Sequence[float]],
     path: Path,
-) -> None:
+) -> str:
     """Left: peak memory, middle: time of the KD loss naive vs chunked; right: held-out perplexity per model."""
     plt = pyplot()
 
@@ -172,7 +172,7 @@ def plot(
     times = {labels[name]: [1e3 * r["seconds"] for r in runs] for name, runs in measured.items()}
     bar_panel(seconds, times, "KD loss: ms per forward + backward", "Time (mean ± std; dots: rounds)", digits=0)
     bar_panel(ppl, perplexities, "held-out perplexity", "Perplexity (mean ± std; dots: seeds)", digits=2, zoom=True)
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -239,8 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *language_lines,
     ]
     if args.plot is not None:
-        plot(measured, one_chunk_mb, perplexities, args.plot)
-        lines.append(f"Plot: `{args.plot}` ({args.plot.stat().st_size / 1e3:.0f} KB).")
+        lines.append(plot(measured, one_chunk_mb, perplexities, args.plot))
     return run.finish(lines, None)
 
 
