@@ -6,11 +6,18 @@ convolution and linear kernels (x86 / fbgemm / qnnpack engines): the PT2E flow (
 torch into ``torchao``, whose QAT targets linear layers of language models and does not lower convolutions to int8
 CPU kernels. Eager mode needs a float input and a float output: :func:`quantization_aware` wraps the model between a
 quantize and a dequantize stub, so the student still takes and returns float tensors.
+
+Eager mode swaps modules, not operations: a ``+`` between two quantized tensors (a residual connection) or a layer of a
+class that is not exactly one torch swaps (a ``BatchNorm2d`` subclass that also applies an activation) trains with
+fake quantization but has no int8 kernel. :func:`check_int8_inference` converts a copy of the student and runs it on
+two samples, before any training, and raises :class:`Int8InferenceError` naming the layer and the operation.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,10 +26,14 @@ import torch
 from torch import Tensor, nn
 from torch.ao import quantization as tq
 from torch.ao.nn.intrinsic import qat as nniqat
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from typing_extensions import override
 
+# Fused and swapped by exact type only: a subclass may do more in its forward (an activation after the norm, padding).
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Operations `torch.ao.nn.quantized.FloatFunctional` provides for quantized tensors.
+_FUNCTIONAL_OPS = {"add", "add_", "mul", "mul_", "cat", "matmul"}
 # Layers with no int8 kernel in eager mode: they run in float between a dequantize and a quantize stub.
 _FLOAT_ONLY = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
@@ -31,11 +42,14 @@ class FloatIsland(nn.Module):
     """Runs ``layer`` in float inside a quantized network.
 
     Its input is dequantized, ``layer`` runs in float, and its output is quantized again with its own observed scale.
+    Nothing inside ``layer`` is quantized (its ``qconfig`` is set to ``None``), so a block of convolutions and a
+    residual ``+`` runs in float as a whole.
     """
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.dequant = tq.DeQuantStub()
+        layer.qconfig = None  # type: ignore[assignment]  # prepare_qat leaves its layers float, convert too
         self.layer = layer
         self.quant = tq.QuantStub()
 
@@ -60,9 +74,21 @@ class QuantizedStudent(nn.Module):
         self.model = model
         self.dequant = tq.DeQuantStub()
         self.bits, self.per_channel, self.backend = bits, per_channel, backend
+        # Set by `quantization_aware` when it had no example input: the first training forward runs the trial.
+        self._int8_trial_pending = False
 
     def forward(self, x: Tensor) -> Tensor:
-        """Quantize the float input, run the network, return float outputs."""
+        """Quantize the float input, run the network, return float outputs.
+
+        The first forward in training mode of a student prepared without ``example_input`` first runs
+        :func:`check_int8_inference` on the first two samples of ``x`` (so a fit refuses on its first step).
+
+        Raises:
+            Int8InferenceError: If the int8 model would fail at inference (first training forward only).
+        """
+        if self._int8_trial_pending and self.training:
+            check_int8_inference(self, x)
+            self._int8_trial_pending = False
         return self.dequant(self.model(self.quant(x)))
 
 
@@ -125,8 +151,10 @@ def fusable_groups(model: nn.Module) -> list[list[str]]:
     """The ``[conv, bn(, relu)]``, ``[conv, relu]`` and ``[linear, relu]`` runs of consecutive ``nn.Sequential`` items.
 
     Only ``nn.Sequential`` children are fused: their order is their execution order, which a custom ``forward``
-    does not promise. Batch norm is folded into the convolution before it (``fuse_modules_qat`` keeps it trainable
-    until :class:`FreezeQuantization` freezes its statistics).
+    does not promise. Only these exact classes are fused: a subclass (a ``BatchNorm2d`` that also applies an
+    activation, a ``Conv2d`` with its own padding) may do more in its ``forward`` than the fused module. Batch norm
+    is folded into the convolution before it (``fuse_modules_qat`` keeps it trainable until
+    :class:`FreezeQuantization` freezes its statistics).
 
     Example::
 
@@ -150,12 +178,12 @@ def fusable_groups(model: nn.Module) -> list[list[str]]:
 def _run_at(items: list[tuple[str, nn.Module]], index: int) -> list[str]:
     first = items[index][1]
     kinds = [type(m) for _, m in items[index : index + 3]]
-    if isinstance(first, _CONVS):
-        if len(kinds) > 1 and issubclass(kinds[1], _NORMS):
+    if type(first) in _CONVS:
+        if len(kinds) > 1 and kinds[1] in _NORMS:
             return [name for name, _ in items[index : index + (3 if len(kinds) > 2 and kinds[2] is nn.ReLU else 2)]]
         if len(kinds) > 1 and kinds[1] is nn.ReLU:
             return [items[index][0], items[index + 1][0]]
-    if isinstance(first, nn.Linear) and len(kinds) > 1 and kinds[1] is nn.ReLU:
+    if type(first) is nn.Linear and len(kinds) > 1 and kinds[1] is nn.ReLU:
         return [items[index][0], items[index + 1][0]]
     return [items[index][0]]
 
@@ -168,6 +196,7 @@ def quantization_aware(
     backend: str = "x86",
     fuse: Sequence[Sequence[str]] | None = None,
     float_layers: Sequence[str] = (),
+    example_input: Tensor | None = None,
 ) -> QuantizedStudent:
     """Return a fake-quantized, trainable copy of ``model``; the original is left unchanged.
 
@@ -177,21 +206,33 @@ def quantization_aware(
     every convolution and linear layer gets fake-quantized weights and outputs (:func:`qat_qconfig`). Train it as the
     student of a :class:`~lightning_distill.DistillModule`; :func:`export_quantized` turns it into an int8 model.
 
+    Before any training, a trial conversion (:func:`check_int8_inference`) proves that the int8 model runs: here on
+    ``example_input`` when it is given, otherwise on the first two samples of the student's first forward in training
+    mode (so a fit refuses on its first step, before any optimizer step). A model whose int8 forward would fail is
+    refused with :class:`Int8InferenceError`, naming the layer and the operation, instead of training and then
+    failing at inference.
+
     Args:
         model: A float network taking one float tensor. Element-wise additions of two tensors (residual connections)
-            need ``torch.ao.nn.quantized.FloatFunctional`` in eager mode.
+            need ``torch.ao.nn.quantized.FloatFunctional`` in eager mode (``self.skip_add = FloatFunctional()``,
+            ``out = self.skip_add.add(out, identity)``); layers of other classes than the ones torch swaps (e.g. a
+            ``BatchNorm2d`` subclass that also applies an activation) need ``float_layers``.
         bits: Bit width of weights and activations, 2 to 8.
         per_channel: One weight scale per output channel (default) or one per tensor.
         backend: Quantized engine of the exported model: ``"x86"``, ``"fbgemm"``, ``"qnnpack"`` or ``"onednn"``
             (must be one this torch was built with).
         fuse: Explicit groups of layer names to fuse, instead of the automatic ones.
-        float_layers: Names of layers to run in float (:class:`FloatIsland`), for operations without an int8 kernel;
-            adaptive max pooling is always kept in float.
+        float_layers: Names of layers to run in float (:class:`FloatIsland`, nothing inside them is quantized), for
+            operations without an int8 kernel; adaptive max pooling is always kept in float.
+        example_input: A batch the model accepts (its first two samples are used): runs the trial conversion now
+            instead of on the first training forward.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module``.
+        TypeError: If ``model`` is not an ``nn.Module`` or ``example_input`` is not a tensor.
         ValueError: For ``bits`` outside 2..8, an engine this torch lacks, or a fuse group or float layer that names no
-            layer.
+            layer (or a fuse group torch cannot fuse).
+        Int8InferenceError: (a ``ValueError``) With ``example_input``, if the int8 model fails on it: the message
+            names the layer, its class, the operation and the fix.
 
     Example::
 
@@ -207,6 +248,10 @@ def quantization_aware(
         raise ValueError(f"`backend` {backend!r} is not a quantized engine of this torch; available: {engines}.")
     if not isinstance(per_channel, bool):
         raise TypeError(f"`per_channel` must be True or False, got {per_channel!r}.")
+    if example_input is not None and not isinstance(example_input, Tensor):
+        raise TypeError(
+            f"`example_input` must be a tensor (a batch the model accepts), got {type(example_input).__name__}."
+        )
     float_model = copy.deepcopy(model).train().requires_grad_(True)  # e.g. a copy of a teacher the callback froze
     groups = fusable_groups(float_model) if fuse is None else [list(group) for group in fuse]
     names = dict(float_model.named_modules())
@@ -214,9 +259,14 @@ def quantization_aware(
     if unknown:
         raise ValueError(f"`fuse` names layers that `model` does not have: {unknown}.")
     if groups:
-        float_model = tq.fuse_modules_qat(float_model, groups)
+        try:
+            float_model = tq.fuse_modules_qat(float_model, groups)
+        except AssertionError as err:  # torch: "did not find fuser method for: (<types>)"
+            raise ValueError(
+                f"`fuse` has a group torch cannot fuse ({err}). It fuses exact Conv/BatchNorm/ReLU/Linear classes only."
+            ) from err
     names = dict(float_model.named_modules())
-    missing = [name for name in float_layers if name not in names]
+    missing = [name for name in float_layers if not name or name not in names]  # "" would be the whole model
     if missing:
         raise ValueError(f"`float_layers` names layers that `model` does not have: {missing}.")
     islands = [*float_layers, *(n for n, m in names.items() if isinstance(m, _FLOAT_ONLY) and n not in float_layers)]
@@ -227,6 +277,10 @@ def quantization_aware(
     student = QuantizedStudent(float_model, bits, per_channel, backend)
     student.qconfig = qat_qconfig(bits, per_channel)  # type: ignore[assignment]
     tq.prepare_qat(student, inplace=True)
+    if example_input is None:
+        student._int8_trial_pending = True
+    else:
+        check_int8_inference(student, example_input)
     return student
 
 
@@ -245,7 +299,180 @@ def export_quantized(student: QuantizedStudent) -> nn.Module:
             "HINT: for a DistillModule pass `module.student`."
         )
     torch.backends.quantized.engine = student.backend
-    return tq.convert(copy.deepcopy(student).cpu().eval(), inplace=False)
+    int8 = tq.convert(copy.deepcopy(student).cpu().eval(), inplace=False)
+    if isinstance(int8, QuantizedStudent):
+        int8._int8_trial_pending = False  # a converted model is what the trial checks, not a student
+    return int8
+
+
+class Int8InferenceError(ValueError):
+    """The int8 model of a quantization-aware student fails at inference; raised before any training.
+
+    Attributes:
+        layer: The innermost layer whose forward was running when the operation failed, named as in the model given
+            to :func:`quantization_aware` (``""``: that model's own ``forward``; ``None``: outside it).
+        layer_type: Its class name.
+        op: The failing operation as torch names it (``"aten::add.out"``), or ``None`` when the error names none.
+    """
+
+    def __init__(self, message: str, *, layer: str | None = None, layer_type: str = "", op: str | None = None) -> None:
+        super().__init__(message)
+        self.layer, self.layer_type, self.op = layer, layer_type, op
+
+
+def check_int8_inference(student: QuantizedStudent, example_input: Tensor) -> None:
+    """Prove that ``student`` converts to an int8 model that runs, on the first two samples of ``example_input``.
+
+    A copy of the student (on CPU, float32, eval mode, without hooks other than torch's own) runs once in fake
+    quantization, which sets the copy's activation scales from the sample, is converted with
+    ``torch.ao.quantization.convert`` and runs in int8 with the student's engine selected
+    (``torch.backends.quantized.engine`` is restored afterwards). The student itself (weights, observers, batch-norm
+    statistics, mode) is not changed. :func:`quantization_aware` runs it before any training.
+
+    Raises:
+        TypeError: If ``student`` was not made by :func:`quantization_aware` or ``example_input`` is not a tensor.
+        Int8InferenceError: If the conversion or the int8 forward fails. The message names the innermost layer whose
+            forward was running, its class, the failing operation and the fix: ``FloatFunctional`` for a residual
+            ``+``, ``float_layers=[...]`` to run the layer in float. The torch error is its ``__cause__``.
+
+    Example::
+
+        >>> class Residual(nn.Module):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 4)
+        ...
+        ...     def forward(self, x: Tensor) -> Tensor:
+        ...         return self.fc(x) + x  # needs FloatFunctional in eager mode
+        >>> try:
+        ...     quantization_aware(nn.Sequential(Residual()), example_input=torch.randn(2, 4))
+        ... except Int8InferenceError as err:
+        ...     print(err.layer, err.layer_type, err.op)
+        0 Residual aten::add.out
+    """
+    if not isinstance(student, QuantizedStudent):
+        raise TypeError(f"`check_int8_inference` needs the model returned by `quantization_aware`, got {student!r}.")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"`example_input` must be a tensor, got {type(example_input).__name__}.")
+    x = (example_input[:2] if example_input.dim() else example_input).detach().cpu()
+    x = x.float() if x.is_floating_point() else x
+    trial = copy.deepcopy(student).cpu().float().eval()
+    trial._int8_trial_pending = False
+    _drop_foreign_hooks(trial)  # e.g. feature-capture hooks must not record the trial's tensors
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = student.backend
+        with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"torch(\.|$)")  # deprecation notices, shown at prepare_qat
+            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+            trial(x)  # fake quantization: the copy's activation scales from the sample
+            try:
+                int8 = tq.convert(trial, inplace=True)
+            except Exception as err:
+                raise Int8InferenceError(f"torch cannot convert the student to int8: {_first_line(err)}") from err
+            failure = _run_tracked(int8, x)
+    finally:
+        torch.backends.quantized.engine = engine
+    if failure is not None:
+        raise _int8_error(int8, *failure) from failure[0]
+
+
+def _drop_foreign_hooks(model: nn.Module) -> None:
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [key for key, hook in hooks.items() if not _is_torch_hook(hook)]:
+                del hooks[key]
+
+
+def _is_torch_hook(hook: object) -> bool:  # observers' hooks, weight_norm, ...: part of the forward
+    return str(getattr(hook, "__module__", "")).startswith("torch.")
+
+
+def _run_tracked(model: nn.Module, x: Tensor) -> tuple[Exception, nn.Module | None] | None:
+    """Run ``model(x)``; on an exception return it with the innermost module whose forward was running."""
+    running: list[nn.Module] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        running.append(module)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        while running and running.pop() is not module:
+            pass
+
+    handles = (register_module_forward_pre_hook(enter), register_module_forward_hook(leave))
+    try:
+        model(x)
+    except Exception as err:
+        return err, (running[-1] if running else None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
+def _int8_error(int8: QuantizedStudent, err: Exception, module: nn.Module | None) -> Int8InferenceError:
+    name = _layer_names(int8.model).get(id(module)) if module is not None else None
+    kind = type(module).__name__ if module is not None else type(int8).__name__
+    found = re.search(r"\b(?:aten|quantized)::[\w.]+", str(err))
+    op = found.group(0) if found else None
+    if name:
+        where = f"layer `{name}` ({kind})"
+    elif name == "":
+        where = f"the model's own forward ({kind})"
+    elif module is None or any(module is wrapper for wrapper in (int8, int8.quant, int8.dequant)):
+        where = f"the student's quantize/dequantize wrapper ({kind})"
+    else:
+        where = f"a `{kind}` that is not a registered layer of the model"
+    fixes = []
+    if op is not None and op.split("::")[1].split(".")[0] in _FUNCTIONAL_OPS:
+        fixes.append(
+            "write the residual addition with `torch.ao.nn.quantized.FloatFunctional`: `self.skip_add = "
+            "FloatFunctional()` in `__init__` and `out = self.skip_add.add(out, identity)` instead of "
+            "`out += identity` (also `.add_relu`, `.mul`, `.cat`)"
+        )
+    if name:
+        fixes.append(f"run that layer in float with `float_layers=[{name!r}]` (a FloatIsland)")
+    elif name == "":
+        fixes.append("move the operation into a submodule and name it in `float_layers` to run it in float")
+    swapped = (*_CONVS, *_NORMS, nn.Linear, nn.ReLU)
+    base = next((cls for cls in swapped if isinstance(module, cls) and type(module) is not cls), None)
+    subclass = (
+        f" `{kind}` subclasses `{base.__name__}`, but eager mode quantizes and fuses exact classes only."
+        if base is not None
+        else ""
+    )
+    what = f"`{op}`" if op else "an operation"
+    if "Quantized" in str(err):  # the dispatcher's "... from the 'QuantizedCPU' backend"
+        what += " has no kernel for quantized tensors (eager mode swaps modules, not operations)"
+    else:
+        what += " failed"
+    message = (
+        f"The int8 model would fail at inference: in {where}, {what}.{subclass} "
+        f"Fix: {'; or '.join(fixes) or 'run the failing part in float with `float_layers`'}. "
+        f"Torch's error: {type(err).__name__}: {_first_line(err)}"
+    )
+    return Int8InferenceError(message, layer=name, layer_type=kind, op=op)
+
+
+def _layer_names(model: nn.Module) -> dict[int, str]:
+    """``id(module) -> name`` as in the model given to :func:`quantization_aware` (a FloatIsland is its layer)."""
+    names: dict[int, str] = {}
+
+    def visit(module: nn.Module, name: str) -> None:
+        names.setdefault(id(module), name)
+        for child_name, child in module.named_children():
+            same = isinstance(module, FloatIsland) and child_name == "layer"
+            visit(child, name if same else f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
+    return names
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of ``err``'s message (torch's dispatcher errors go on listing every backend)."""
+    lines = str(err).strip().splitlines()
+    first = lines[0].split(". ")[0] if lines else ""
+    return first if len(first) <= 300 else f"{first[:300]}..."
 
 
 def model_bytes(model: nn.Module) -> int:
