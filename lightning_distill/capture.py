@@ -4,12 +4,22 @@ A :class:`FeatureCapture` is told which layers (by dotted name) and which part o
 mapping key) to keep. Its hooks record only inside :meth:`FeatureCapture.recording`, so outputs of forwards outside a
 training step (validation, a user's own call) are never kept, and :meth:`FeatureCapture.take` hands the recorded
 tensors over and forgets them, so nothing outlives the step.
+
+A capture is what the layer returned. Hooks keep a reference, not a copy, so an operation that changes the output
+in place later in the forward (``ReLU(inplace=True)`` right after a BatchNorm, ``out += identity`` in a residual
+block: how torchvision and timm ResNets are written) would change the captured value too. Each recorded tensor's
+version counter is therefore remembered, and :meth:`FeatureCapture.take` compares it (one int comparison per tensor):
+a layer found modified is switched to *copy mode*, where its hook records ``output.clone()`` (differentiable, so
+gradients still reach the layer) instead; layers that are not modified are never cloned. A dry forward learns this
+with ``take(learn=True)``; otherwise ``take`` raises :class:`ModifiedInPlaceError` (and the next forward copies).
+Inside ``torch.inference_mode`` tensors carry no version counter: modifications are not detected there, while layers
+already in copy mode are still copied.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -104,6 +114,72 @@ def select_output(output: Any, select: Selector, where: str) -> Tensor:
     return value
 
 
+def tensor_version(tensor: Tensor) -> int | None:
+    """Return the version counter of ``tensor`` (bumped by every in-place change), ``None`` for inference tensors.
+
+    Example::
+
+        >>> import torch
+        >>> t = torch.zeros(3)
+        >>> before = tensor_version(t)
+        >>> _ = t.add_(1)
+        >>> tensor_version(t) == before + 1
+        True
+    """
+    try:
+        return tensor._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
+class ModifiedInPlaceError(RuntimeError):
+    """A captured output was modified in place after its layer returned it, so the capture holds another value.
+
+    The capture that raises has already switched those layers to copy mode: running the forward again gives the
+    values the layers returned.
+
+    Args:
+        role: How the model is called in the message (``"teacher"``, ``"student"``, ``"backbone"``).
+        keys: The capture keys found modified (layer names; ``"layer[sel]"`` for a part, ``"layer:input"`` for an
+            input).
+        hint: The fix to suggest; a generic one by default.
+
+    Attributes:
+        role: As given.
+        keys: As given, as a tuple.
+        hint: As given.
+        layers: The layer names of ``keys``, without selectors or ``":input"``.
+    """
+
+    def __init__(self, role: str, keys: Iterable[str], hint: str | None = None) -> None:
+        self.role = role
+        self.keys = tuple(keys)
+        self.layers = tuple(dict.fromkeys(_layer_of(key) for key in self.keys))
+        self.hint = hint
+        hint = hint or (
+            "the capture keeps an unmodified copy from now on, so running the forward again gives the right values; "
+            "to learn this before training, call `take(learn=True)` after one dry forward. Or capture a later layer, "
+            "or make the in-place operation out of place (e.g. `inplace=False`)."
+        )
+        if len(self.keys) == 1:
+            what = f"layer {self.keys[0]!r}: its output was modified in place after the layer returned it"
+        else:
+            what = f"layers {list(self.keys)}: their outputs were modified in place after the layers returned them"
+        super().__init__(
+            f"The {role}'s {what} (e.g. `ReLU(inplace=True)` or `x += ...` right after it), so the captured value is "
+            f"not what the layer returned. HINT: {hint}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (e.g. across processes) despite the extra arguments
+        return (type(self), (self.role, self.keys, self.hint))
+
+
+def _layer_of(key: str) -> str:
+    if key.endswith(":input"):
+        return key[: -len(":input")]
+    return key.split("[", 1)[0]
+
+
 class FeatureCapture:
     """Forward hooks that keep selected outputs of named layers of one model, for one forward at a time.
 
@@ -123,6 +199,23 @@ class FeatureCapture:
         >>> {key: tuple(value.shape) for key, value in capture.take().items()}
         {'1': (3, 8)}
         >>> capture.remove()
+
+    An output changed in place later in the forward is detected, and copied from then on::
+
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True))
+        >>> capture = FeatureCapture(role="student")
+        >>> capture.add("0")
+        '0'
+        >>> capture.attach(net)
+        >>> with capture.recording():
+        ...     _ = net(torch.randn(3, 4))
+        >>> _ = capture.take(learn=True)  # a dry forward: only the shapes are right
+        >>> sorted(capture.copied)
+        ['0']
+        >>> with capture.recording():
+        ...     out = net(torch.full((3, 4), -1.0))
+        >>> bool((capture.take()["0"] == net[0](torch.full((3, 4), -1.0))).all())
+        True
     """
 
     def __init__(self, role: str) -> None:
@@ -130,6 +223,8 @@ class FeatureCapture:
         self._selectors: dict[str, list[Selector]] = {}
         self._input_layers: list[str] = []
         self._recorded: dict[str, Tensor] = {}
+        self._versions: dict[str, int] = {}  # version counters of the recorded tensors that are not copies
+        self._copied: set[str] = set()
         self._handles: list[RemovableHandle] = []
         self._recording = False
 
@@ -143,6 +238,23 @@ class FeatureCapture:
     def attached(self) -> bool:
         """Whether the hooks are registered."""
         return bool(self._handles)
+
+    @property
+    def copied(self) -> frozenset[str]:
+        """Keys recorded as copies (``output.clone()``), because their outputs are modified in place later."""
+        return frozenset(self._copied)
+
+    def add_copies(self, keys: Iterable[str]) -> None:
+        """Record the features under these ``keys`` as copies from now on (e.g. copy modes learned earlier).
+
+        Raises:
+            ValueError: For a key that was not requested (see :attr:`keys`).
+        """
+        keys = list(keys)
+        unknown = sorted(set(keys) - set(self.keys))
+        if unknown:
+            raise ValueError(f"The {self.role}'s capture has no keys {unknown}; its keys are {self.keys}.")
+        self._copied.update(keys)
 
     def add(self, layer: str, select: Selector = None) -> str:
         """Request the output of ``layer`` (or the part ``select`` of it) and return its key; idempotent."""
@@ -176,11 +288,12 @@ class FeatureCapture:
             self._handles.append(module.register_forward_hook(hook))
 
     def remove(self) -> None:
-        """Remove the hooks and forget anything recorded."""
+        """Remove the hooks and forget anything recorded (the copy modes are kept)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._recorded.clear()
+        self._versions.clear()
 
     @property
     def is_recording(self) -> bool:
@@ -190,6 +303,7 @@ class FeatureCapture:
     def start(self) -> None:
         """Record the requested outputs of every forward from now until :meth:`stop` (earlier records are dropped)."""
         self._recorded.clear()
+        self._versions.clear()
         self._recording = True
 
     def stop(self) -> None:
@@ -205,31 +319,56 @@ class FeatureCapture:
         finally:
             self.stop()
 
-    def take(self) -> dict[str, Tensor]:
+    def take(self, learn: bool = False) -> dict[str, Tensor]:
         """Return what was recorded and forget it.
+
+        Args:
+            learn: For a dry forward whose values matter only for their shapes: outputs found modified in place
+                are switched to copy mode and returned as they are, instead of raising.
 
         Raises:
             RuntimeError: If a requested layer did not run (the message names it).
+            ModifiedInPlaceError: Without ``learn``, if a recorded output was modified in place after its layer
+                returned it; those layers are switched to copy mode first, so a second forward gives the right values.
         """
         recorded, self._recorded = self._recorded, {}
+        versions, self._versions = self._versions, {}
         missing = [key for key in self.keys if key not in recorded]
         if missing:
             raise RuntimeError(
                 f"The {self.role}'s layers {missing} did not run in its forward, so their outputs could not be "
                 "captured. HINT: name layers that every forward goes through."
             )
+        modified = [key for key, version in versions.items() if recorded[key]._version != version]
+        if modified:
+            self._copied.update(modified)
+            if not learn:
+                raise ModifiedInPlaceError(self.role, modified)
         return recorded
 
     def _hook(
         self, layer: str, selects: Sequence[Selector], record_input: bool
     ) -> Callable[[nn.Module, Any, Any], None]:
         where = f"The {self.role}'s layer {layer!r}"
+        keys = [(feature_key(layer, select), select) for select in selects]
+        in_key = input_key(layer)
+
+        def keep(key: str, value: Tensor) -> None:
+            if key in self._copied:
+                value = value.clone()
+            else:
+                version = tensor_version(value)
+                if version is not None:
+                    self._versions[key] = version
+                else:  # an inference tensor: not tracked (nor an earlier record of this key, now replaced)
+                    self._versions.pop(key, None)
+            self._recorded[key] = value
 
         def hook(_module: nn.Module, inputs: Any, output: Any) -> None:
             if self._recording:
-                for select in selects:
-                    self._recorded[feature_key(layer, select)] = select_output(output, select, where)
+                for key, select in keys:
+                    keep(key, select_output(output, select, where))
                 if record_input:
-                    self._recorded[input_key(layer)] = select_output(inputs, 0, f"{where} (its inputs)")
+                    keep(in_key, select_output(inputs, 0, f"{where} (its inputs)"))
 
         return hook

@@ -18,7 +18,7 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection, move_data_to_device
 from torch import Tensor, nn
 
-from lightning_distill.capture import FeatureCapture, Selector
+from lightning_distill.capture import FeatureCapture, ModifiedInPlaceError, Selector
 from lightning_distill.outputs import call_with_inputs, extract_logits
 
 _SAMPLES_PER_TENSOR = 4096
@@ -299,9 +299,7 @@ class TeacherRunner:
             inputs = self._to_teacher(inputs)
             if self.dtype is not None:
                 context = None  # its own precision: the Trainer's autocast would override it
-        with self._capture.recording(), context if context is not None else contextlib.nullcontext():
-            output = call_with_inputs(self.teacher, inputs)
-        captured = self._capture.take()
+        output, captured = self._forward(inputs, context)
         if self._logits_key is not None:
             output = captured[self._logits_key]
         logits = extract_logits(output, role="teacher").detach()
@@ -310,6 +308,26 @@ class TeacherRunner:
             logits = logits.to(output_device)
             kept = {key: value.to(output_device) for key, value in kept.items()}
         return TeacherOutputs(logits=logits, features=kept)
+
+    def _forward(
+        self, inputs: Any, context: contextlib.AbstractContextManager[Any] | None
+    ) -> tuple[Any, dict[str, Tensor]]:
+        """Run the teacher with its hooks recording; return its output and the captured features.
+
+        A captured output that a later operation changes in place (``ReLU(inplace=True)`` after a BatchNorm, a
+        residual ``x += ...``) is found after the forward; its layer is then copied, and the forward runs again
+        (once per capture: the teacher is in eval mode without gradient, so a second forward changes nothing).
+        """
+        with context if context is not None else contextlib.nullcontext():  # entered once: it may be single-use
+            with self._capture.recording():
+                output = call_with_inputs(self.teacher, inputs)
+            try:
+                return output, self._capture.take()
+            except ModifiedInPlaceError:
+                pass  # those layers are copied now
+            with self._capture.recording():
+                output = call_with_inputs(self.teacher, inputs)
+            return output, self._capture.take()
 
     def _to_teacher(self, inputs: Any) -> Any:
         """Move the inputs to the teacher's device and cast floating tensors to its precision."""
