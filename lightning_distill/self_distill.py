@@ -18,7 +18,7 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_distill.capture import FeatureCapture
+from lightning_distill.capture import FeatureCapture, ModifiedInPlaceError, tensor_version
 from lightning_distill.early_exit import EarlyExitReport, ExitModel, run_early_exit, sweep_thresholds
 from lightning_distill.heads import ExitHead
 from lightning_distill.layers import find_layer
@@ -75,7 +75,9 @@ class SelfDistillModule(FactoryModule):
             own output); default all 1.
         feature_layer: Name of the layer whose **output** is the deepest feature. Default: the input of the layer
             that returns the backbone's logits (its classifier), found in the dry forward.
-        example_input: Inputs of one batch; when given, the heads are built at construction.
+        example_input: Inputs of one batch; when given, the heads are built at construction. Without it (and
+            without ``example_input_array``) they are built in ``setup`` from the first training batch.
+        example_input_array: The same, under Lightning's name (also the model summary's input); give one of the two.
         ignore_index: Target value left out of every term and metric.
         optimizer: Factory building the optimizer from the parameters (default Adam, lr 1e-3).
         lr_scheduler: Optional factory building a scheduler (stepped every epoch) from the optimizer.
@@ -114,6 +116,7 @@ class SelfDistillModule(FactoryModule):
         exit_weights: Sequence[float] | None = None,
         feature_layer: str | None = None,
         example_input: Any = None,
+        example_input_array: Any = None,
         ignore_index: int = -100,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
@@ -148,10 +151,18 @@ class SelfDistillModule(FactoryModule):
         self.heads = nn.ModuleList()
         self.hint_key: str | None = None  # key of the deepest feature in the capture, set when the heads are built
         self._capture: FeatureCapture | None = None
+        # capture keys whose outputs the backbone changes in place later in its forward, so they are captured as
+        # copies; None until learned (from the dry forward of `build_heads`, or a checkpoint)
+        self._copied: frozenset[str] | None = None
         self._exit_layers: tuple[nn.Module, dict[str, nn.Module]] | None = None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-            self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "example_input"])
+            self.save_hyperparameters(
+                ignore=["backbone", "optimizer", "lr_scheduler", "example_input", "example_input_array"]
+            )
+        if example_input is not None and example_input_array is not None:
+            raise ValueError("Pass `example_input` or `example_input_array` (the same thing), not both.")
+        example_input = example_input if example_input is not None else example_input_array
         if example_input is not None:
             self.example_input_array = example_input
             self.build_heads(example_input)
@@ -233,7 +244,10 @@ class SelfDistillModule(FactoryModule):
         """Size and create one exit head per exit from a dry forward of the backbone on ``inputs``; idempotent.
 
         The forward runs in eval mode without gradient (train/eval modes are restored). It also checks that every
-        exit runs once, in the given order, and returns a batch-first tensor, and finds the deepest feature.
+        exit runs once, in the given order, and returns a batch-first tensor, finds the deepest feature, and finds
+        the exits (and deepest feature) whose outputs the backbone changes in place afterwards (``ReLU(inplace=True)``
+        after a BatchNorm, a residual ``out += identity``): those are captured as copies, so training and validation
+        see what the exit layer returned, as :meth:`predict_early_exit` and :meth:`export_exit` do.
 
         Raises:
             ValueError: If an exit does not run, runs out of order, or returns something else than a batch-first
@@ -245,9 +259,11 @@ class SelfDistillModule(FactoryModule):
         names = {module: name for name, module in self.backbone.named_modules()}
         exit_modules = {find_layer(self.backbone, name, role="backbone"): name for name in self.exits}
         calls: list[tuple[nn.Module, Any, Any]] = []
+        versions: list[tuple[int | None, int | None]] = []  # of each call's output and first input, as it returned
 
         def record(module: nn.Module, args: Any, output: Any) -> None:
             calls.append((module, args, output))
+            versions.append((_version(output), _version(args[0]) if args else None))
             if module in exit_modules:
                 order.append(exit_modules[module])
 
@@ -255,7 +271,7 @@ class SelfDistillModule(FactoryModule):
         modes = {module: module.training for module in self.modules()}
         self.eval()
         try:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # tensors with version counters
                 logits = extract_logits(call_with_inputs(self.backbone, _to_device(inputs, self)), role="backbone")
         finally:
             handle.remove()
@@ -277,7 +293,14 @@ class SelfDistillModule(FactoryModule):
                     f"Exit {name!r} must output a batch-first tensor, got "
                     f"{type(out).__name__}{'' if not isinstance(out, Tensor) else tuple(out.shape)}."
                 )
-        hint, self.hint_key = self._find_hint(calls, names, logits)
+        hint_call, self.hint_key = self._find_hint(calls, names, logits)
+        parts = {exit_modules[m]: (i, 0) for i, (m, _, _) in enumerate(calls) if m in exit_modules}
+        hint = None
+        if hint_call is not None and self.hint_key is not None:
+            parts[self.hint_key] = (hint_call, int(self.hint_key.endswith(":input")))
+            hint = _part(calls[hint_call], parts[self.hint_key][1])
+        changed = {key: _changed(calls[i], versions[i], part) for key, (i, part) in parts.items()}
+        self._copied = None if None in changed.values() else frozenset(k for k, yes in changed.items() if yes)
         hint_shape = None if hint is None else tuple(hint.shape[1:])
         self.heads = nn.ModuleList(
             ExitHead(
@@ -292,17 +315,17 @@ class SelfDistillModule(FactoryModule):
 
     def _find_hint(
         self, calls: list[tuple[nn.Module, Any, Any]], names: dict[nn.Module, str], logits: Tensor
-    ) -> tuple[Tensor | None, str | None]:
-        """The deepest feature and its capture key: ``feature_layer``'s output, else the classifier's input."""
+    ) -> tuple[int | None, str | None]:
+        """The deepest feature's call index and capture key: ``feature_layer``'s output, else the classifier's input."""
         if self.feature_layer is not None:
             layer = find_layer(self.backbone, self.feature_layer, role="backbone")
-            outputs = [out for m, _, out in calls if m is layer]
-            if not outputs or not isinstance(outputs[-1], Tensor):
+            found = [i for i, (m, _, _) in enumerate(calls) if m is layer]
+            if not found or not isinstance(calls[found[-1]][2], Tensor):
                 raise ValueError(f"`feature_layer` {self.feature_layer!r} did not return a tensor in the forward.")
-            return outputs[-1], self.feature_layer
-        for module, args, out in calls:  # hooks fire as modules finish: the innermost producer of the logits first
+            return found[-1], self.feature_layer
+        for i, (module, args, out) in enumerate(calls):  # hooks fire as modules finish: the logits' innermost producer
             if out is logits and args and isinstance(args[0], Tensor) and names.get(module):
-                return args[0], f"{names[module]}:input"
+                return i, f"{names[module]}:input"
         if self.feature_weight > 0:
             raise ValueError(
                 "Cannot find the deepest feature: no layer of the backbone returns its logits as they are. HINT: pass "
@@ -319,6 +342,7 @@ class SelfDistillModule(FactoryModule):
             if self.hint_key is not None:
                 layer, _, kind = self.hint_key.partition(":")
                 capture.add_input(layer) if kind == "input" else capture.add(layer)
+            capture.add_copies(self._copied or ())
             self._capture = capture
         self._capture.attach(self.backbone)
         return self._capture
@@ -332,25 +356,66 @@ class SelfDistillModule(FactoryModule):
     def exit_outputs(self, inputs: Any) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Run the backbone once and every head on its exit's feature.
 
+        Each head reads what its exit layer returned, even when the backbone changes that output in place later
+        (such exits are captured as copies: learned in :meth:`build_heads`, stored in checkpoints; otherwise from
+        one dry forward in eval mode without gradient, on the first call).
+
         Returns:
             ``(logits, hints, deepest_feature)``: the logits of every exit, shallow to deep, the backbone's own last;
             each shallow head's hint; the deepest feature (``None`` when there is none).
+
+        Raises:
+            ModifiedInPlaceError: In training mode, if an exit's output is changed in place only in training-mode
+                forwards (its copy mode is then set: the next call is right).
         """
         if len(self.heads) != len(self.exits):
             raise RuntimeError(
                 f"{type(self).__name__} has no heads yet. HINT: pass `example_input=` or fit it with a Trainer (the "
                 "heads are built in setup), or call `build_heads(inputs)`."
             )
+        if self._copied is None:
+            self._learn_copies(inputs)
         capture = self._ensure_capture()
         with capture.recording():
             deepest = extract_logits(call_with_inputs(self.backbone, inputs), role="backbone")
-        captured = capture.take()
+        try:
+            captured = capture.take()
+        except ModifiedInPlaceError as err:
+            self._copied = capture.copied
+            if any(m.training for m in self.backbone.modules()):  # a second forward would train BatchNorm twice
+                raise ModifiedInPlaceError(
+                    err.role,
+                    err.keys,
+                    "these exits are copied from now on, so the next step is right; they were not found modified in "
+                    "the eval-mode forward that sizes the heads, so the backbone modifies them only when training. "
+                    "Or attach the exits to layers whose outputs are not changed afterwards.",
+                ) from None
+            with capture.recording():  # eval mode: the forward changes nothing, so it can run again
+                deepest = extract_logits(call_with_inputs(self.backbone, inputs), role="backbone")
+            captured = capture.take()
         hints, logits = [], []
         for head, name in zip(self.heads, self.exits, strict=True):
             hint, head_logits = head(captured[name])
             hints.append(hint)
             logits.append(head_logits)
         return [*logits, deepest], hints, None if self.hint_key is None else captured[self.hint_key]
+
+    def _learn_copies(self, inputs: Any) -> None:
+        """Find which captured outputs the backbone changes in place, from one forward in eval mode without gradient.
+
+        Only for heads restored without that knowledge (a checkpoint written before it was stored).
+        """
+        capture = self._ensure_capture()
+        modes = {module: module.training for module in self.backbone.modules()}
+        self.backbone.eval()
+        try:
+            with torch.inference_mode(False), torch.no_grad(), capture.recording():
+                call_with_inputs(self.backbone, inputs)
+            capture.take(learn=True)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        self._copied = capture.copied
 
     # ------------------------------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -418,15 +483,19 @@ class SelfDistillModule(FactoryModule):
     # ------------------------------------------------------------------------------------------------ lifecycle
     @override
     def setup(self, stage: str) -> None:
-        """Build the heads (before the optimizer) from ``example_input_array`` or the datamodule's first batch."""
+        """Build the heads (before the optimizer) from ``example_input_array`` or the first training batch.
+
+        The first batch comes from whatever training data ``fit`` gets: a ``DataLoader``, a datamodule or the module's
+        ``train_dataloader`` (see :func:`~lightning_distill.outputs.example_inputs`).
+        """
         if len(self.heads) == len(self.exits):
             return
         inputs = example_inputs(self.trainer, self)
         if inputs is None:
             raise RuntimeError(
                 f"{type(self).__name__} sizes its exit heads from one dry forward, but has no example input. HINT: "
-                "pass `example_input=` (the inputs of one batch), set `example_input_array`, or fit from a "
-                "LightningDataModule (its first batch is used)."
+                "pass `example_input=` (the inputs of one batch) or `example_input_array=`; inside `Trainer.fit` the "
+                "first training batch is used."
             )
         self.build_heads(inputs)
         if self.example_input_array is None:  # kept (two samples) for `export_exit` and the model summary
@@ -450,10 +519,11 @@ class SelfDistillModule(FactoryModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the heads' shapes and the deepest feature's key, so a bare module can be rebuilt from the file."""
+        """Store the heads' shapes, the deepest feature's key and the copied captures, to rebuild a bare module."""
         checkpoint[_CHECKPOINT_KEY] = {
             "heads": [head.spec() for head in self.exit_heads],
             "hint_key": self.hint_key,
+            "copied": None if self._copied is None else sorted(self._copied),
         }
 
     @override
@@ -472,6 +542,8 @@ class SelfDistillModule(FactoryModule):
             for spec in state["heads"]
         )
         self.hint_key = state["hint_key"]
+        copied = state.get("copied")  # absent from older checkpoints: learned on the first `exit_outputs`
+        self._copied = None if copied is None else frozenset(copied)
         self._capture = None
 
     # ------------------------------------------------------------------------------------------------ inference
@@ -515,6 +587,21 @@ class SelfDistillModule(FactoryModule):
                 {name: find_layer(self.backbone, name, role="backbone") for name in self.exits},
             )
         return cached[1]
+
+
+def _version(value: Any) -> int | None:
+    return tensor_version(value) if isinstance(value, Tensor) else None
+
+
+def _part(call: tuple[nn.Module, Any, Any], part: int) -> Tensor:
+    """A recorded call's output (``part`` 0) or first input (1)."""
+    return cast(Tensor, call[2] if part == 0 else call[1][0])
+
+
+def _changed(call: tuple[nn.Module, Any, Any], versions: tuple[int | None, int | None], part: int) -> bool | None:
+    """Whether that part changed in place since the layer returned; ``None`` if unknown (inference tensors)."""
+    before, after = versions[part], _version(_part(call, part))
+    return None if before is None or after is None else after != before
 
 
 def _to_device(inputs: Any, module: L.LightningModule) -> Any:

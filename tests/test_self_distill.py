@@ -233,12 +233,27 @@ def test_bad_arguments_are_explained(kwargs, error, match):
         SelfDistillModule(MNIST1DDeepCNN(4, 3, num_classes=4), example_input=data(2)[0], **kwargs)
 
 
+def test_a_plain_dataloader_sizes_the_heads_and_example_input_array_is_accepted(tmp_path):
+    torch.manual_seed(0)
+    model = SelfDistillModule(MNIST1DDeepCNN(4, 3, num_classes=4), exits=EXITS, num_classes=4)
+    make_trainer(tmp_path).fit(model, loader())  # no example input: the first batch of the DataLoader sizes the heads
+    assert len(model.heads) == len(EXITS) and tuple(model.example_input_array.shape) == (2, 40)
+    given = SelfDistillModule(
+        MNIST1DDeepCNN(4, 3, num_classes=4), exits=EXITS, num_classes=4, example_input_array=data(2)[0]
+    )
+    assert len(given.heads) == len(EXITS)
+
+
 def test_missing_example_input_and_bad_threshold_are_explained(tmp_path):
     model = SelfDistillModule(MNIST1DDeepCNN(4, 3, num_classes=4), exits=EXITS, num_classes=4)
     with pytest.raises(RuntimeError, match="has no heads yet"):
         model.exit_outputs(data(2)[0])
     with pytest.raises(RuntimeError, match=r"has no example input\. HINT: pass `example_input=`"):
-        make_trainer(tmp_path).fit(model, loader())
+        make_trainer(tmp_path).validate(model, loader())  # no training data to size the heads from
+    with pytest.raises(ValueError, match="Pass `example_input` or `example_input_array`"):
+        SelfDistillModule(
+            MNIST1DDeepCNN(4, 3), exits=EXITS, num_classes=10, example_input=data(2)[0], example_input_array=data(2)[0]
+        )
     with pytest.raises(ValueError, match="`threshold` must be a number, got nan"):
         build().predict_early_exit(data(2)[0], threshold=float("nan"))
 
