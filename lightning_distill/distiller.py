@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_distill.feature_map import FeatureMap
 from lightning_distill.losses.functional import Divergence
 from lightning_distill.module import DistillModule
-from lightning_distill.outputs import attention_mask_of, extract_logits
+from lightning_distill.outputs import extract_logits
 from lightning_distill.schedules import Schedule
 from lightning_distill.teacher import TeacherOutputs, TeacherPrecision, TeacherRunner, load_teacher_checkpoint
 
@@ -75,9 +75,10 @@ class Distiller(nn.Module):
         distiller.on_train_begin(student, example_inputs=x0)   # places the teacher, builds projectors
         for epoch ...:
             distiller.on_epoch_begin(epoch)                     # optional: sets the epoch for schedules
-            for x, y in loader:
+            for batch in loader:
+                x, y = distiller.split_batch(batch)             # what the Trainer path does with a batch
                 distiller.on_step_begin()                       # needed with feature maps: records the student's
-                out = student(x)
+                out = student(x)                                # (student(**x) for a dict batch)
                 loss = distiller.loss(x, out, y)                # or on_after_compute_loss(x, out, my_loss)
                 loss.backward(); optimizer.step()
                 distiller.on_after_optimizer_step()             # optional: checks the projectors were stepped
@@ -215,6 +216,9 @@ class Distiller(nn.Module):
             example_inputs = move_data_to_device(example_inputs, self._device)
             teacher_features = self._runner.run(example_inputs, self._context()).features
             self.engine.build_projectors(teacher_features, example_inputs)
+        if self.engine.feature_maps and example_inputs is not None and not self.engine._probed:
+            # shows which captured layers the forward modifies in place: those are copied when captured
+            self.engine._probe_student(move_data_to_device(example_inputs, self._device))
         if self.engine.feature_maps:
             self.engine._student_capture.attach(student)
         self._snapshot = [p.detach().clone() for p in self.parameters() if p.requires_grad] or None
@@ -249,6 +253,16 @@ class Distiller(nn.Module):
         self._begun = False
 
     # --------------------------------------------------------------------------------------------------------- loss
+    def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """Split a batch into ``(inputs, target)`` and route the inputs, as the Trainer path does.
+
+        See :meth:`DistillModule.split_batch <lightning_distill.DistillModule.split_batch>`: the target
+        (``labels``, ...) is taken out of a dict batch, and an encoder-decoder student (known after
+        ``on_train_begin``) gets ``decoder_input_ids`` built from it. Feed the student ``inputs`` and pass the same
+        ``inputs`` to :meth:`loss`.
+        """
+        return self.engine.split_batch(batch)
+
     def teacher_outputs(self, inputs: Any) -> TeacherOutputs:
         """Run the teacher on ``inputs`` (moved to its device) without gradient and return its outputs."""
         self._require_begun("teacher_outputs")
@@ -260,10 +274,14 @@ class Distiller(nn.Module):
         """The combined distillation loss of one step (every term is kept in :attr:`last_terms`).
 
         Args:
-            inputs: The inputs the student ran on (a tensor, or a mapping passed as keyword arguments).
+            inputs: The inputs the student ran on (a tensor, or a mapping passed as keyword arguments). A mapping
+                is split and routed as :meth:`split_batch` does, so a whole dict batch works too: its ``labels``
+                never reach the teacher and are the target when ``target`` is not given.
             student_output: The student's output: logits, or an object with ``.logits`` / ``["logits"]``.
             target: Class indices, or ``None`` for pure distillation (``alpha`` must be 1).
-            mask: Optional bool tensor of the positions that count; by default a dict batch's ``attention_mask``.
+            mask: Optional bool tensor of the positions that count; by default the mask of the logits' own positions
+                (:mod:`lightning_distill.positions`: none for ``(B, C)`` logits, ``attention_mask`` for per-token
+                logits, the decoder mask for an encoder-decoder's).
 
         Raises:
             RuntimeError: If called before ``on_train_begin``, or with feature maps without ``on_step_begin`` before
@@ -301,9 +319,15 @@ class Distiller(nn.Module):
             self._step_open = False
             features = self.engine._student_capture.take()
         logits = extract_logits(student_output, role="student")
-        mask = attention_mask_of(inputs) if mask is None else mask  # sequence batches: padding never counts
+        if isinstance(inputs, Mapping):  # the Trainer path's policy: labels out, decoder inputs in
+            inputs, found = self.engine.split_batch(inputs)
+            target = found if target is None else target
+        masks = self.engine.token_masks(inputs, target)
+        mask = self.engine.position_mask(masks, logits) if mask is None else mask
         teacher = self.teacher_outputs(inputs)
-        terms = self.engine.compute_loss(logits, teacher, target, mask, student_features=features, task_loss=task_loss)
+        terms = self.engine.compute_loss(
+            logits, teacher, target, mask, student_features=features, task_loss=task_loss, masks=masks
+        )
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         self.engine.step += 1
         return terms["loss"]

@@ -51,6 +51,9 @@ class FeatureMap:
             With both widths given the projector is built at once; otherwise the shapes are inferred from one
             dry forward of each model on the module's ``example_input_array``.
         teacher_dim: Width of the teacher feature.
+        masked: For token features ``(B, L, D)``: count only the batch's real tokens (``attention_mask``, or for an
+            encoder-decoder's decoder layers the decoder mask; see :mod:`lightning_distill.positions`). ``False``
+            averages over every position, e.g. for a channel-first ``(N, C, L)`` map in a batch that has a mask.
 
     Raises:
         ValueError: For an empty layer name, an unknown projector or loss, a negative weight, a non-positive width,
@@ -73,6 +76,7 @@ class FeatureMap:
     teacher_select: Selector = None
     student_dim: int | None = None
     teacher_dim: int | None = None
+    masked: bool = True
 
     def __post_init__(self) -> None:
         for side in ("student", "teacher"):
@@ -85,6 +89,8 @@ class FeatureMap:
                 raise ValueError(f"FeatureMap `{side}_dim` must be a positive int or None, got {dim!r}.")
         check_projector(self.projector)
         check_feature_loss(self.loss)
+        if not isinstance(self.masked, bool):
+            raise TypeError(f"FeatureMap `masked` must be True or False, got {self.masked!r}.")
         if self.loss == "attention" and self.projector not in ("auto", "identity"):
             raise ValueError(
                 f"FeatureMap with loss='attention' compares channel-averaged attention maps, so it needs no "

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_distill.capture import FeatureCapture
+from lightning_distill.evaluation import evaluate_student
 from lightning_distill.feature_map import FeatureMap, coerce_feature_maps
+from lightning_distill.layers import find_layer
 from lightning_distill.losses.functional import (
     Divergence,
     check_alpha,
@@ -25,11 +27,19 @@ from lightning_distill.losses.functional import (
     cross_entropy,
     distillation_loss_terms,
     feature_loss,
-    kd_loss,
 )
 from lightning_distill.losses.functional._common import _check_ignore_index
 from lightning_distill.losses.functional.topk import topk_distillation_terms
-from lightning_distill.outputs import attention_mask_of, call_with_inputs, extract_logits, next_token_view
+from lightning_distill.outputs import call_with_inputs, example_inputs, extract_logits, next_token_view, split_batch
+from lightning_distill.positions import (
+    Side,
+    TokenMasks,
+    feature_mask,
+    layer_side,
+    logits_mask,
+    route_inputs,
+    token_masks,
+)
 from lightning_distill.projectors import (
     build_projector,
     match_spatial,
@@ -63,11 +73,17 @@ class DistillModule(FactoryModule):
     :class:`~lightning_distill.schedules.Schedule`; scheduled values are logged as ``train/<name>`` every step.
 
     Two ways in: subclass and write ``forward`` (and ``configure_optimizers`` if you like), or wrap a network,
-    ``DistillModule(student=net, ...)``. ``forward`` must return logits (a tensor, ``.logits`` or ``["logits"]``)
-    with classes in the last dimension.
+    ``DistillModule(student=net, ...)`` (a Hugging Face model, a torchvision-style CNN, a ``torch.compile``-d
+    network). ``forward`` must return logits (a tensor, ``.logits`` or ``["logits"]``) with classes in the last
+    dimension. What the student and the teacher receive from a dict batch, and which positions of the logits count,
+    follow one policy (:mod:`lightning_distill.positions`): labels never reach a model; an encoder-decoder's decoder
+    inputs are built from them; a ``(B, C)`` classifier gets no position mask, per-token logits get the mask of
+    their own positions.
 
     Args:
-        student: The network to train, when not subclassing. Stored as ``self.student``.
+        student: The network to train, when not subclassing. Stored as ``self.student``; a ``torch.compile``-d
+            network is stored as its original module (so checkpoint keys and :meth:`export_student` are the plain
+            network's) and trained through its compiled forward.
         alpha: Weight of the KD term, in ``[0, 1]``; ``1 - alpha`` weights cross-entropy on the labels. With
             ``alpha=0.0`` (and no feature maps) the module trains without a teacher: the plain student baseline,
             same recipe.
@@ -92,6 +108,8 @@ class DistillModule(FactoryModule):
         sync_dist: Average each training term across processes before logging it (one all-reduce per term and
             step). Off by default: per-step training logs show process 0's batch; validation and test metrics are
             always synchronized.
+        example_input_array: The inputs part of one batch, for the shapes of inferred projectors (and Lightning's
+            model summary). Without it, the first batch of the training data ``fit`` gets is used.
 
     Raises:
         ValueError: For ``alpha`` outside ``[0, 1]``, a non-positive ``temperature``, a negative weight, an unknown
@@ -126,11 +144,18 @@ class DistillModule(FactoryModule):
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
         sync_dist: bool = False,
+        example_input_array: Any = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, sync_dist)
         if student is not None and not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
+        original = getattr(student, "_orig_mod", None)  # torch.compile's OptimizedModule wraps the network
+        self._compiled_student: tuple[nn.Module, ...] = ()  # a tuple: the compiled wrapper is no submodule
+        if isinstance(original, nn.Module) and student is not None:
+            self._compiled_student, student = (student,), original
         self.student = student
+        if example_input_array is not None:
+            self.example_input_array = example_input_array
         self._divergence = check_divergence(divergence)
         self._ignore_index = _check_ignore_index(ignore_index)
         self.js_beta = check_js_beta(js_beta)
@@ -166,29 +191,16 @@ class DistillModule(FactoryModule):
         self._student_capture = FeatureCapture(role="student")
         for fmap in self.feature_maps:
             self._student_capture.add(fmap.student, fmap.student_select)
+        self._feature_sides: dict[str, Side] = {}
+        self._probed = False  # whether a dry forward has shown which captured layers are modified in place
         if type(self) is DistillModule:
-            self._save_plain_hyperparameters(student=student, optimizer=optimizer, lr_scheduler=lr_scheduler)
-
-    def _save_plain_hyperparameters(self, **live: Any) -> None:
-        """Save the wrapped form's arguments as hyper-parameters, leaving out live objects.
-
-        A network or factory passed from Python is never saved, not even in the ``hparams_initial`` that loggers
-        write (``load_from_checkpoint(path, student=net)`` gives it back); under ``LightningCLI`` the same arguments
-        arrive as plain config dicts, which are kept so that ``--ckpt_path`` can rebuild the module. Schedules and
-        feature maps are stored as their config dicts.
-        """
-        # ignored, not deleted after saving (that deep-copies the network); LightningCLI gives config dicts instead
-        ignore = [] if _cli_given_hyperparameters() else [key for key, value in live.items() if callable(value)]
-        self.save_hyperparameters(ignore=ignore)
-        for key in live:
-            if callable(self.hparams.get(key)):
-                del self.hparams[key]
-        for key, value in self.hparams.items():
-            if isinstance(value, Schedule):
-                self.hparams[key] = value.to_config()
-        if self.hparams.get("feature_maps") is not None:
-            self.hparams["feature_maps"] = [m.to_config() for m in self.feature_maps]
-        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers write: the plain form too
+            self._save_plain_hyperparameters(
+                {"feature_maps": [m.to_config() for m in self.feature_maps]} if feature_maps is not None else {},
+                student=student,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                example_input_array=example_input_array,
+            )
 
     # ------------------------------------------------------------------------------------------- hyper-parameters
     def hparam_values(self) -> dict[str, float]:
@@ -244,11 +256,41 @@ class DistillModule(FactoryModule):
             raise RuntimeError(
                 f"{type(self).__name__} has no `student`: pass `student=` to DistillModule or override `forward`."
             )
-        return self.student(*args, **kwargs)
+        network = self._compiled_student[0] if self._compiled_student else self.student
+        return network(*args, **kwargs)
 
     def student_logits(self, inputs: Any) -> Tensor:
         """Run ``forward`` on the inputs part of a batch and return the logits."""
         return extract_logits(call_with_inputs(self, inputs), role="student")
+
+    # -------------------------------------------------------------------------------------------- batches, masks
+    def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """Split a batch into ``(inputs, target)`` and route the inputs (see :mod:`lightning_distill.positions`).
+
+        The split is :func:`~lightning_distill.outputs.split_batch`'s (``(x, y)``, or a dict whose ``labels`` /
+        ``label`` / ``y`` / ``target`` entry is the target); the inputs are then what both models receive: for an
+        encoder-decoder student without ``decoder_input_ids`` in the batch they are built from the labels. The
+        callback calls this too, so the teacher receives the same inputs. Override it for other batch structures.
+
+        Example::
+
+            >>> DistillModule(student=nn.Linear(2, 2)).split_batch({"input_ids": 1, "labels": 2})
+            ({'input_ids': 1}, 2)
+        """
+        inputs, target = split_batch(batch)
+        return route_inputs(inputs, target, self._feature_root()), target
+
+    def token_masks(self, inputs: Any, target: Tensor | None) -> TokenMasks:
+        """The per-token masks of a batch, by the positions they describe (see :mod:`lightning_distill.positions`)."""
+        return token_masks(inputs, target, self.ignore_index, self._feature_root())
+
+    def position_mask(self, masks: TokenMasks, logits: Tensor) -> Tensor | None:
+        """The bool mask of the positions of ``logits`` that count, or ``None`` for all of them.
+
+        Default: :func:`~lightning_distill.positions.logits_mask` (``(B, C)`` logits get none; per-token logits the
+        mask of their own positions). Override it for models whose logits' positions follow another rule.
+        """
+        return logits_mask(masks, logits)
 
     # --------------------------------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -259,6 +301,7 @@ class DistillModule(FactoryModule):
         mask: Tensor | None = None,
         student_features: Mapping[str, Tensor] | None = None,
         task_loss: Tensor | None = None,
+        masks: TokenMasks | None = None,
     ) -> dict[str, Tensor]:
         """Compose the training loss and return every term.
 
@@ -272,6 +315,8 @@ class DistillModule(FactoryModule):
                 :attr:`FeatureMap.student_key`; needed when there are feature maps.
             task_loss: A task loss the caller computed itself (the loop API's ``on_after_compute_loss``), used in
                 place of the cross-entropy on ``target``: ``loss = alpha * kd_loss + (1 - alpha) * task_loss + ...``.
+            masks: The batch's per-token masks (:meth:`token_masks`), so feature terms on token features count only
+                real tokens; ``None``: every position counts.
 
         Returns:
             ``{"loss", "task_loss", "kd_loss"}`` with a teacher, plus ``"tckd_loss"`` and ``"nckd_loss"`` for
@@ -337,16 +382,24 @@ class DistillModule(FactoryModule):
                 )
             loss = terms["loss"]
             for fmap in self.feature_maps:
-                term = self.feature_term(fmap, student_features, teacher_outputs.features)
+                term = self.feature_term(fmap, student_features, teacher_outputs.features, masks)
                 terms[f"feature_loss/{fmap.name}"] = term
                 loss = loss + values[f"weight/{fmap.name}"] * term
             terms["loss"] = loss
         return terms
 
     def feature_term(
-        self, fmap: FeatureMap, student_features: Mapping[str, Tensor], teacher_features: Mapping[str, Tensor]
+        self,
+        fmap: FeatureMap,
+        student_features: Mapping[str, Tensor],
+        teacher_features: Mapping[str, Tensor],
+        masks: TokenMasks | None = None,
     ) -> Tensor:
-        """The unweighted loss of one feature map: spatial pooling (channel-first maps), projector, feature loss."""
+        """The unweighted loss of one feature map: spatial pooling (channel-first maps), projector, feature loss.
+
+        With ``masks``, token features ``(B, L, D)`` count only the real tokens of their positions (the student
+        layer's side: an encoder-decoder's decoder layers use the decoder mask), unless ``fmap.masked`` is false.
+        """
         for side, features, key in (
             ("student", student_features, fmap.student_key),
             ("teacher", teacher_features, fmap.teacher_key),
@@ -366,17 +419,28 @@ class DistillModule(FactoryModule):
         student, teacher = student_features[fmap.student_key], teacher_features[fmap.teacher_key]
         if not isinstance(projector, nn.Linear):
             student, teacher = match_spatial(student, teacher)
-        return feature_loss(projector(student), teacher, loss=fmap.loss)
+        mask = None
+        if masks is not None and fmap.masked:
+            mask = feature_mask(masks, self._feature_side(fmap), teacher, f"Feature map {fmap.name!r}")
+        return feature_loss(projector(student), teacher, loss=fmap.loss, mask=mask)
+
+    def _feature_side(self, fmap: FeatureMap) -> Side:
+        """Which positions the student layer of ``fmap`` has (looked up once per map)."""
+        if fmap.name not in self._feature_sides:
+            root = self._feature_root()
+            self._feature_sides[fmap.name] = layer_side(root, find_layer(root, fmap.student, role="student"))
+        return self._feature_sides[fmap.name]
 
     # ------------------------------------------------------------------------------------------------ projectors
     def build_projectors(self, teacher_features: Mapping[str, Tensor] | None, example_inputs: Any = None) -> None:
-        """Create the projector of every feature map that has none yet, from the features' shapes.
+        """Create the projector of every feature map that has none yet, from the features' shapes, and check all maps.
 
         The student's shapes come from one dry forward (eval mode, no gradient, train/eval modes restored) on
         ``example_inputs`` (default: ``example_input_array``); the teacher's from ``teacher_features``, which
-        :class:`~lightning_distill.DistillationCallback` computes on the same inputs in ``setup``, before the
-        optimizer is built. Every new map's loss is then evaluated once on these features, so a shape that no
-        projector can fix fails here rather than at the first step.
+        :class:`~lightning_distill.DistillationCallback` computes on the same inputs in ``setup`` (the first
+        training batch when no ``example_input_array`` is set), before the optimizer is built. Every map's loss is
+        then evaluated once on these features, so a shape that no projector can fix fails here rather than at the
+        first step; the dry forward also shows which captured layers are modified in place later in the forward.
 
         Args:
             teacher_features: The teacher's features on the same inputs, keyed by :attr:`FeatureMap.teacher_key`.
@@ -387,17 +451,16 @@ class DistillModule(FactoryModule):
             ValueError: If a projector kind cannot match the two shapes, or a given width disagrees with them.
         """
         pending = [m for m in self.feature_maps if m.key not in self.projectors]
-        if not pending:
+        example_inputs = self.example_input_array if example_inputs is None else example_inputs
+        if not pending and (teacher_features is None or example_inputs is None):
             return
         names = [m.name for m in pending]
-        example_inputs = self.example_input_array if example_inputs is None else example_inputs
         if example_inputs is None:
             raise RuntimeError(
                 f"The projectors of feature maps {names} need the features' shapes, inferred from one dry forward on "
-                f"`example_input_array`, which {type(self).__name__} does not set. HINT: set "
-                "`self.example_input_array` to the inputs part of one batch, train from a LightningDataModule (its "
-                "first batch is used), or give each FeatureMap `student_dim=`, `teacher_dim=` and a projector other "
-                "than 'auto'."
+                f"`example_input_array`, which {type(self).__name__} does not set. HINT: inside `Trainer.fit` the "
+                "first training batch is used; outside it pass `example_input_array=` (the inputs part of one "
+                "batch), or give each FeatureMap `student_dim=`, `teacher_dim=` and a projector other than 'auto'."
             )
         if teacher_features is None:
             raise RuntimeError(
@@ -405,10 +468,14 @@ class DistillModule(FactoryModule):
                 "`DistillationCallback(teacher=...)` to the Trainer (it provides them in setup)."
             )
         student_features = self._probe_student(example_inputs)
-        for fmap in pending:
+        for fmap in self.feature_maps:
             where = f"Feature map {fmap.name!r}"
             s_shape = tuple(student_features[fmap.student_key].shape)
             t_shape = tuple(teacher_features[fmap.teacher_key].shape)
+            if fmap not in pending:
+                if fmap.projector == "identity" and fmap.loss != "attention":
+                    resolve_projector(fmap.projector, s_shape, t_shape, where)  # refuses shapes it cannot match
+                continue
             kind = (
                 "identity" if fmap.loss == "attention" else resolve_projector(fmap.projector, s_shape, t_shape, where)
             )
@@ -419,9 +486,9 @@ class DistillModule(FactoryModule):
             ):
                 if given is not None and given != found:
                     raise ValueError(f"{where}: `{side}={given}` but the probed feature has width {found}.")
-            projector = build_projector(kind, s_dim, t_dim).to(self.device)
-            self.projectors[fmap.key] = projector
-            with torch.no_grad():
+            self.projectors[fmap.key] = build_projector(kind, s_dim, t_dim).to(self.device)
+        with torch.no_grad():
+            for fmap in self.feature_maps:
                 self.feature_term(fmap, student_features, teacher_features)
 
     def _probe_student(self, example_inputs: Any) -> dict[str, Tensor]:
@@ -435,7 +502,8 @@ class DistillModule(FactoryModule):
         try:
             with torch.no_grad(), self._student_capture.recording():
                 call_with_inputs(self, move_data_to_device(example_inputs, self.device))
-            return self._student_capture.take()
+            self._probed = True
+            return self._student_capture.take(learn=True)  # in-place modified layers are copied from now on
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -450,11 +518,17 @@ class DistillModule(FactoryModule):
     def setup(self, stage: str) -> None:
         """Attach the forward hooks that capture the student's features (when there are feature maps).
 
-        Before fitting, every projector must exist (``DistillationCallback.setup`` builds them, and runs first).
+        Before fitting, every projector must exist (``DistillationCallback.setup`` builds them, and runs first), and
+        one dry forward on the first batch shows which captured layers the forward later modifies in place
+        (``ReLU(inplace=True)``, ``x += skip``): their outputs are copied when captured.
         """
         if self.feature_maps:
-            if stage == "fit":
-                self.build_projectors(None)  # a no-op when built; otherwise raises naming what is missing
+            pending = any(m.key not in self.projectors for m in self.feature_maps)
+            if stage == "fit" and (pending or not self._probed):  # the callback's setup usually did both already
+                example = example_inputs(self.trainer, self)
+                self.build_projectors(None, example)  # a no-op when built; otherwise raises naming what is missing
+                if not self._probed and example is not None:
+                    self._probe_student(example)
             self._student_capture.attach(self._feature_root())
 
     @override
@@ -488,8 +562,20 @@ class DistillModule(FactoryModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild projectors that were inferred at fit time from their weights, so ``load_from_checkpoint`` works."""
+        """Rebuild projectors that were inferred at fit time from their weights, so ``load_from_checkpoint`` works.
+
+        Raises:
+            TypeError: For a checkpoint of a wrapped student loaded without ``student=`` (the network is not saved).
+        """
         state = checkpoint.get("state_dict", {})
+        if self.student is None and type(self) is DistillModule and any(k.startswith("student.") for k in state):
+            raise TypeError(
+                "This checkpoint holds a wrapped student's weights (`student.*`), but the network itself is not "
+                "saved, so DistillModule cannot rebuild it. HINT: pass the network: "
+                "`DistillModule.load_from_checkpoint(path, student=MyNet(...))`, or load the weights into it with "
+                "`net.load_state_dict({k.removeprefix('student.'): v for k, v in ckpt['state_dict'].items() if "
+                "k.startswith('student.')})`."
+            )
         for fmap in self.feature_maps:
             if fmap.key not in self.projectors:
                 self.projectors[fmap.key] = projector_from_state(state, f"projectors.{fmap.key}.")
@@ -497,6 +583,23 @@ class DistillModule(FactoryModule):
     # -------------------------------------------------------------------------------------------------------- steps
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        terms, batch_size = self._step_terms(batch, self._teacher_outputs)
+        self.log_train_terms(terms, batch_size=batch_size)
+        if self._scheduled:  # the same on every process: never synchronized
+            values = self.hparam_values()
+            self.log_dict({f"train/{name}": values[name] for name in self._scheduled}, batch_size=batch_size)
+        return terms["loss"]
+
+    def loss_terms(self, batch: Any, teacher_outputs: TeacherOutputs | None) -> dict[str, Tensor]:
+        """Every loss term of one training batch, as ``training_step`` computes them (without logging).
+
+        The batch is split and routed (:meth:`split_batch`), the student runs once (its features captured for the
+        feature maps), and :meth:`compute_loss` gets the mask of the logits' positions (:meth:`position_mask`) and
+        the batch's token masks for the feature terms.
+        """
+        return self._step_terms(batch, teacher_outputs)[0]
+
+    def _step_terms(self, batch: Any, teacher_outputs: TeacherOutputs | None) -> tuple[dict[str, Tensor], int]:
         inputs, target = self.split_batch(batch)
         features = None
         if self.feature_maps:
@@ -506,13 +609,9 @@ class DistillModule(FactoryModule):
             features = self._student_capture.take()
         else:
             logits = self.student_logits(inputs)
-        mask = attention_mask_of(inputs)
-        terms = self.compute_loss(logits, self._teacher_outputs, target, mask, student_features=features)
-        self.log_train_terms(terms, batch_size=logits.shape[0])
-        if self._scheduled:  # the same on every process: never synchronized
-            values = self.hparam_values()
-            self.log_dict({f"train/{name}": values[name] for name in self._scheduled}, batch_size=logits.shape[0])
-        return terms["loss"]
+        masks = self.token_masks(inputs, target)
+        mask = self.position_mask(masks, logits)
+        return self.compute_loss(logits, teacher_outputs, target, mask, features, masks=masks), logits.shape[0]
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -523,52 +622,15 @@ class DistillModule(FactoryModule):
     @override
     def _evaluate(self, stage: str, batch: Any, dataloader_idx: int) -> None:
         """Log ``{stage}/loss`` and ``{stage}/acc``; with teacher outputs also teacher accuracy, agreement, KD loss."""
-        inputs, target = self.split_batch(batch)
-        logits = self.student_logits(inputs)
-        batch_size = logits.shape[0]
-        mask = attention_mask_of(inputs)
-        teacher = self._teacher_outputs
-        teacher_logits = None if teacher is None else teacher.logits
-        if self.shift_labels:
-            logits, target, mask = next_token_view(logits, target, mask)
-            teacher_logits = None if teacher_logits is None else next_token_view(teacher_logits, None, None)[0]
-        preds = logits.argmax(-1)
-        counted = torch.ones_like(preds, dtype=torch.bool) if mask is None else mask
-        if target is not None:
-            counted = counted & (target != self.ignore_index)
-            loss = cross_entropy(logits, target, mask=mask, ignore_index=self.ignore_index)
-            self.log(f"{stage}/loss", loss, batch_size=batch_size, sync_dist=True, prog_bar=stage == "val")
-            self._log_rate(stage, dataloader_idx, "acc", preds == target, counted, prog_bar=stage == "val")
-        if teacher_logits is None:
-            return
-        teacher_preds = teacher_logits.argmax(-1)
-        self._log_rate(stage, dataloader_idx, "agreement", preds == teacher_preds, counted)
-        if target is not None:
-            self._log_rate(stage, dataloader_idx, "teacher_acc", teacher_preds == target, counted)
-        if self.divergence == "dkd" and target is None:
-            return  # DKD needs labels
-        values = self.hparam_values()
-        divergence = kd_loss(
-            logits,
-            teacher_logits,
-            temperature=values["temperature"],
-            divergence=self.divergence,
-            mask=counted,
-            target=target,
-            ignore_index=self.ignore_index,
-            tckd_weight=values["tckd_weight"],
-            nckd_weight=values["nckd_weight"],
-            js_beta=self.js_beta,
-            chunk_size=self.kd_chunk_size,
-        )
-        self.log(f"{stage}/kd_loss", divergence, batch_size=batch_size, sync_dist=True)
+        evaluate_student(self, stage, batch, dataloader_idx)
 
     # ------------------------------------------------------------------------------------------------------- export
     def export_student(self) -> nn.Module:
         """Return a standalone copy of the trained student, in eval mode, with no distillation-only state.
 
-        For the wrapped form this is a copy of ``student``; for a subclass it is a copy of the module detached from
-        its Trainer, without projectors, feature maps or feature hooks (its ``forward`` still works on its own).
+        For the wrapped form this is a copy of ``student`` (of the original network for a ``torch.compile``-d one:
+        compile the copy again if you like); for a subclass it is a copy of the module detached from its Trainer,
+        without projectors, feature maps or feature hooks (its ``forward`` still works on its own).
         """
         attached = self._student_capture.attached
         self._student_capture.remove()  # hooks must not be copied along with the layers they sit on
@@ -589,12 +651,3 @@ class DistillModule(FactoryModule):
         exported.feature_maps = ()
         exported._student_capture = FeatureCapture(role="student")
         return exported.eval()
-
-
-def _cli_given_hyperparameters() -> bool:
-    """Whether ``LightningCLI`` is instantiating the module (it hands ``save_hyperparameters`` the config)."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # a Lightning without it: the objects are saved, then dropped
-        return False
-    return _given_hyperparameters.get() is not None

@@ -112,32 +112,66 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
 
 
 def example_inputs(trainer: L.Trainer, module: Any) -> Any:
-    """Inputs to infer shapes from: the module's ``example_input_array``, else the first batch of the datamodule.
+    """Inputs to infer shapes from: the module's ``example_input_array``, else the first batch ``fit`` trains on.
 
-    ``module`` needs ``example_input_array`` and ``split_batch`` (both of this package's LightningModules have them).
-    The datamodule's training dataloader is read under a forked RNG, so the run's random stream is unchanged.
+    The first batch comes from whatever the Trainer trains from: a ``DataLoader`` passed to ``fit``, a datamodule's
+    or the module's own ``train_dataloader``. It is drawn from a fresh iterator under a forked RNG, with the
+    loader's and its sampler's generators restored afterwards, so the run's random stream and data order are
+    unchanged. ``module`` needs ``example_input_array`` and ``split_batch`` (this package's LightningModules have
+    both). ``None`` when there is no training data source (e.g. outside ``fit``).
     """
     if module.example_input_array is not None:
         return module.example_input_array
-    datamodule = getattr(trainer, "datamodule", None)  # set by the Trainer's data connector
-    if datamodule is None:
+    loader = _train_dataloader(trainer)
+    if loader is None:
         return None
-    with torch.random.fork_rng(devices=[]):
-        batch = next(iter(datamodule.train_dataloader()))
-    return module.split_batch(batch)[0]
+    batch = first_batch(loader)
+    return None if batch is None else module.split_batch(batch)[0]
 
 
-def attention_mask_of(inputs: Any) -> Tensor | None:
-    """The positions that count for a sequence batch: ``inputs["attention_mask"]`` as bool, or ``None``.
+def _train_dataloader(trainer: L.Trainer) -> Any:
+    """The training data the Trainer was given, or ``None``.
+
+    Lightning exposes no public accessor before the fit loop loads its data (after ``setup``, when the optimizer
+    already exists), so this reads the fit loop's data source, which resolves a ``DataLoader`` passed to ``fit``,
+    a datamodule's and the module's ``train_dataloader`` alike; without it only a datamodule can be read.
+    """
+    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+    if source is not None and getattr(source, "instance", None) is not None and source.is_defined():
+        return source.dataloader()
+    datamodule = getattr(trainer, "datamodule", None)
+    return None if datamodule is None else datamodule.train_dataloader()
+
+
+def first_batch(loader: Any) -> Any:
+    """The first batch of ``loader`` without changing what the loader (or the global RNG) yields afterwards.
+
+    Returns ``None`` for an empty loader.
 
     Example::
 
-        >>> attention_mask_of({"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])})
-        tensor([[ True,  True, False]])
+        >>> from torch.utils.data import DataLoader
+        >>> loader = DataLoader(list(range(6)), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
+        >>> peeked = first_batch(loader)
+        >>> torch.equal(peeked, next(iter(loader)))  # the loader still starts with the same batch
+        True
     """
-    if isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), Tensor):
-        return inputs["attention_mask"].bool()
-    return None
+    generators = [
+        g
+        for g in (
+            getattr(loader, "generator", None),
+            getattr(getattr(loader, "sampler", None), "generator", None),
+            getattr(getattr(getattr(loader, "batch_sampler", None), "sampler", None), "generator", None),
+        )
+        if isinstance(g, torch.Generator)
+    ]
+    states = [(g, g.get_state()) for g in dict.fromkeys(generators)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return next(iter(loader), None)
+    finally:
+        for generator, state in states:
+            generator.set_state(state)
 
 
 def next_token_view(

@@ -190,15 +190,25 @@ def match_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
 def projector_from_dims(
     projector: ProjectorName, loss: str, student_dim: int | None, teacher_dim: int | None, name: str
 ) -> nn.Module | None:
-    """The projector of a feature map whose widths are both given; ``None`` when they must be inferred from shapes.
+    """The projector of a feature map known without its shapes; ``None`` when it must be inferred from them.
+
+    Attention maps and ``"identity"`` need no widths; other kinds need both widths.
 
     Raises:
         ValueError: For ``projector="auto"`` with two different widths (the rank, hence the kind, is unknown).
     """
+    if loss == "attention":  # channel-free maps: nothing to size
+        return nn.Identity()
+    both = student_dim is not None and teacher_dim is not None
+    if projector == "identity" and both and student_dim != teacher_dim:
+        raise ValueError(
+            f"Feature map {name!r}: projector='identity' with different widths {student_dim} and "
+            f"{teacher_dim}. HINT: use projector='linear' or 'conv1x1'."
+        )
+    if projector == "identity":
+        return nn.Identity()
     if student_dim is None or teacher_dim is None:
         return None
-    if loss == "attention":
-        return nn.Identity()
     kind = projector
     if kind == "auto":
         if student_dim != teacher_dim:
@@ -207,12 +217,7 @@ def projector_from_dims(
                 f"widths alone ({student_dim} -> {teacher_dim}). HINT: say which, or drop the widths to "
                 "infer everything from `example_input_array`."
             )
-        kind = "identity"
-    if kind == "identity" and student_dim != teacher_dim:
-        raise ValueError(
-            f"Feature map {name!r}: projector='identity' with different widths {student_dim} and "
-            f"{teacher_dim}. HINT: use projector='linear' or 'conv1x1'."
-        )
+        return nn.Identity()
     return build_projector(kind, student_dim, teacher_dim)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -14,6 +17,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_distill.outputs import split_batch
+from lightning_distill.schedules import Schedule
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 LRSchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -168,7 +172,44 @@ class FactoryModule(L.LightningModule):
         metric_name = f"{stage}_{dataloader_idx}_{name}"
         log_rate(self, self.eval_metrics, "eval_metrics", metric_name, f"{stage}/{name}", hits, counted, prog_bar)
 
+    def _save_plain_hyperparameters(self, configs: dict[str, Any], **live: Any) -> None:
+        """Save the constructor's arguments as hyper-parameters, leaving out live objects (call it from ``__init__``).
+
+        A network, factory or tensor passed from Python (``live``) is never saved, not even in the
+        ``hparams_initial`` that loggers write (``load_from_checkpoint(path, student=net)`` gives it back); under
+        ``LightningCLI`` the same arguments arrive as plain config dicts, which are kept so that ``--ckpt_path`` can
+        rebuild the module. Schedules are stored as their config dicts, and ``configs`` replaces saved values by
+        their plain form (e.g. feature maps as dicts).
+        """
+        # ignored, not deleted after saving (that deep-copies the network); LightningCLI gives config dicts instead
+        ignore = [] if _cli_given_hyperparameters() else [key for key, value in live.items() if _is_live(value)]
+        self.save_hyperparameters(ignore=ignore, frame=inspect.currentframe().f_back)  # type: ignore[union-attr]
+        for key in live:
+            if _is_live(self.hparams.get(key)):
+                del self.hparams[key]
+        for key, value in self.hparams.items():
+            if isinstance(value, Schedule):
+                self.hparams[key] = value.to_config()
+        self.hparams.update(configs)
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers write: the plain form too
+
     @override
     def configure_optimizers(self) -> Any:
         """Build the optimizer from ``optimizer`` (default Adam, lr 1e-3) and the optional ``lr_scheduler``."""
         return build_optimizers(self, self.optimizer_factory, self.lr_scheduler_factory)
+
+
+def _is_live(value: Any) -> bool:
+    """A live object that is never saved as a hyper-parameter: a network, a factory, tensors (example inputs)."""
+    tensors: list[Tensor] = []
+    apply_to_collection(value, Tensor, tensors.append)
+    return callable(value) or bool(tensors)
+
+
+def _cli_given_hyperparameters() -> bool:
+    """Whether ``LightningCLI`` is instantiating the module (it hands ``save_hyperparameters`` the config)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without it: the objects are saved, then dropped
+        return False
+    return _given_hyperparameters.get() is not None

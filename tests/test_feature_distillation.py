@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, FeatureMap, TeacherOutputs
 from lightning_distill.models import MNIST1DTeacher
@@ -81,7 +82,9 @@ def test_width_mismatched_cnn_pair_trains_end_to_end(tmp_path):
     torch.manual_seed(0)
     teacher = MNIST1DTeacher(channels=16)
     module = CNNStudent(optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
-    assert isinstance(module.projectors, nn.ModuleDict) and len(module.projectors) == 0  # shapes not known yet
+    # the FitNets projector waits for the shapes; the attention map needs none, so its identity exists at once
+    assert isinstance(module.projectors, nn.ModuleDict) and list(module.projectors) == ["net_features_act3"]
+    assert isinstance(module.projectors["net_features_act3"], nn.Identity)
     losses: list[float] = []
 
     class Record(DistillationCallback):
@@ -199,11 +202,31 @@ def test_only_requested_features_are_kept_and_only_for_the_step(tmp_path):
     assert not teacher.body[1]._forward_hooks and not module.student[1]._forward_hooks  # removed at teardown
 
 
+def test_a_plain_dataloader_sizes_the_projectors_without_example_input_array(tmp_path):
+    torch.manual_seed(0)
+    module = DistillModule(student=tiny_student(), feature_maps=[WIDTH_MAP])
+    loader = DataLoader(TensorDataset(*make_data(64)), batch_size=16, shuffle=True, generator=torch.Generator())
+    loader.generator.manual_seed(7)
+    expected_order = [y.tolist() for _, y in loader]  # what the loader yields from this generator state
+    loader.generator.manual_seed(7)
+    seen: list[list[int]] = []
+
+    class Spy(DistillationCallback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch[1].tolist())
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    make_trainer(tmp_path, limit_train_batches=4, callbacks=[Spy(trained_teacher())]).fit(module, loader)
+    projector = module.projectors[WIDTH_MAP.key]
+    assert isinstance(projector, nn.Linear) and (projector.in_features, projector.out_features) == (6, 16)
+    assert module.example_input_array is None
+    assert seen == expected_order  # peeking at the first batch changed neither the data order nor its generator
+
+
 def test_missing_example_input_or_callback_is_explained(tmp_path):
     module = DistillModule(student=tiny_student(), feature_maps=[WIDTH_MAP])
-    with pytest.raises(RuntimeError, match=r"does not set\. HINT: set `self.example_input_array`"):
-        make_trainer(tmp_path, callbacks=[DistillationCallback(trained_teacher())]).fit(module, make_loader())
-    module.example_input_array = make_data(2)[0]
+    with pytest.raises(RuntimeError, match=r"does not set\. HINT: inside `Trainer.fit` the first training batch"):
+        module.build_projectors({WIDTH_MAP.teacher_key: torch.zeros(2, 16)})
     with pytest.raises(RuntimeError, match=r"need the teacher's feature shapes\. HINT: add `DistillationCallback"):
         make_trainer(tmp_path).fit(module, make_loader())
 

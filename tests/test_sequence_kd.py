@@ -15,7 +15,6 @@ from lightning_distill import DistillationCallback, Distiller, DistillModule, Te
 from lightning_distill.data.markov import MarkovDataset, MarkovLanguage
 from lightning_distill.ensemble import TeacherMixture
 from lightning_distill.losses.functional import distillation_loss_terms, kd_loss
-from lightning_distill.outputs import attention_mask_of
 from lightning_distill.sequence_models import TinyCausalLM
 from tests.helpers.reference import ref_kd_loss
 from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, random_logits, tiny_student
@@ -69,7 +68,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(divergence, chunk_size):
     whole, chunked = kd_loss(s, t, **kwargs), kd_loss(s, t, chunk_size=chunk_size, **kwargs)
     g_whole, g_chunked = torch.autograd.grad(2 * whole, (s, t)), torch.autograd.grad(2 * chunked, (s, t))
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-5, atol=1e-7)  # float32 sums in another order
 
 
 def test_masked_positions_change_neither_value_nor_gradient_in_either_path():
@@ -125,7 +124,7 @@ def test_shifted_module_loss_equals_the_hand_written_next_token_objective():
     module = DistillModule(student=student, alpha=0.6, temperature=2.0, shift_labels=True, kd_chunk_size=7)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     s, t = student(**inputs), teacher(**inputs).detach()
-    terms = module.compute_loss(s, module_teacher(t), batch["labels"], attention_mask_of(inputs))
+    terms = module.compute_loss(s, module_teacher(t), batch["labels"], inputs["attention_mask"].bool())
     mask = batch["attention_mask"][:, 1:].bool()
     labels = batch["labels"][:, 1:]
     kd = ref_kd_loss(
@@ -188,7 +187,8 @@ def test_a_perfect_causal_lm_teacher_is_not_called_untrained_under_shift_labels(
             module, loader
         )
     assert not [w for w in caught if "looks untrained" in str(w.message)]
-    with pytest.warns(UserWarning, match="looks untrained"):  # scored without the shift, it is at chance
+    # scored without the shift it is at chance, but it predicts the next token: the hint names the shift, not the weights
+    with pytest.warns(UserWarning, match=r"causal language model scored without the shift.*shift_labels=True"):
         make_trainer(tmp_path, limit_val_batches=0, callbacks=[DistillationCallback(NextTokenOracle(64))]).fit(
             DistillModule(student=TinyCausalLM(vocab_size=64, dim=16, heads=2), alpha=0.5), loader
         )
@@ -303,7 +303,8 @@ def test_the_loop_api_gives_the_modules_sequence_loss():
     distiller.on_train_begin(student)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     out = student(**inputs)
-    expected = module.compute_loss(out, TeacherOutputs(teacher(**inputs)), batch["labels"], attention_mask_of(inputs))
+    mask = inputs["attention_mask"].bool()
+    expected = module.compute_loss(out, TeacherOutputs(teacher(**inputs)), batch["labels"], mask)
     assert distiller.loss(inputs, out, batch["labels"]).item() == pytest.approx(expected["loss"].item(), rel=1e-6)
 
 

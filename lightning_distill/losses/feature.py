@@ -43,9 +43,9 @@ class FeatureLoss(nn.Module):
         self.loss: FeatureLossName = check_feature_loss(loss)
         self.p = _check_power(p)
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        """Return the scalar loss between student and teacher features."""
-        return feature_loss(student, teacher, self.loss, p=self.p)
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Return the scalar loss between student and teacher features (over the ``mask``-ed positions, if given)."""
+        return feature_loss(student, teacher, self.loss, p=self.p, mask=mask)
 
     def extra_repr(self) -> str:
         """Show the hyper-parameters in ``repr`` (``p`` only where it is used)."""

@@ -110,6 +110,17 @@ def _upcast_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     raise ValueError(f"student features {s_shape} and teacher features {t_shape} must have the same shape, but {why}")
 
 
+def _masked_pair(student: Tensor, teacher: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The positions of two feature tensors that ``mask`` (their leading shape, bool) selects, each ``(n, D)``."""
+    _upcast_pair(student, teacher)  # same shapes, floating: the mask then fits both
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(student.shape[:-1]):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"`mask` must be a bool tensor of the features' leading shape {tuple(student.shape[:-1])}, got {got}."
+        )
+    return student[mask], teacher[mask]
+
+
 def _attached_zero(student: Tensor, teacher: Tensor) -> Tensor:
     """A zero scalar connected to both (upcast) inputs, so that ``backward()`` gives zero gradients for empty input."""
     return (student.sum() + teacher.sum()) * 0.0
@@ -362,7 +373,9 @@ def attention_transfer_loss(student: Tensor, teacher: Tensor, p: float = 2.0) ->
 # --------------------------------------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------------------------------------
-def feature_loss(student: Tensor, teacher: Tensor, loss: FeatureLossName = "mse", *, p: float = 2.0) -> Tensor:
+def feature_loss(
+    student: Tensor, teacher: Tensor, loss: FeatureLossName = "mse", *, p: float = 2.0, mask: Tensor | None = None
+) -> Tensor:
     r"""Feature-matching loss chosen by name.
 
     .. math::
@@ -373,17 +386,24 @@ def feature_loss(student: Tensor, teacher: Tensor, loss: FeatureLossName = "mse"
     :func:`cosine_feature_loss` (``"cosine"``), :func:`kl_feature_loss` (``"kl"``) or
     :func:`attention_transfer_loss` (``"attention"``, the only one that uses ``p``).
 
+    With a ``mask`` over the leading (position) dimensions, e.g. ``(B, L)`` for token features ``(B, L, D)``, only
+    the positions where it is ``True`` count: the loss is the chosen loss of ``student[mask]`` and ``teacher[mask]``
+    (each ``(n, D)``), so padding tokens neither add to nor dilute the mean.
+
     Args:
         student: Student features; see the chosen loss for the shape it needs.
         teacher: Teacher features.
         loss: Name of the loss.
         p: Exponent of the attention maps, ``> 0`` (validated always, used only by ``"attention"``).
+        mask: Optional bool tensor of the leading dimensions of ``student`` (all but the last) marking the
+            positions that count. Not for ``"attention"``, whose maps are over a CNN's spatial positions.
 
     Returns:
-        A scalar tensor, float32 (float64 if an input is float64).
+        A scalar tensor, float32 (float64 if an input is float64); zero (attached) when no position counts.
 
     Raises:
-        ValueError: If ``loss`` is unknown, ``p`` is not finite and positive, or the chosen loss rejects the inputs.
+        ValueError: If ``loss`` is unknown, ``p`` is not finite and positive, the mask is not a bool tensor of the
+            features' leading shape, a mask is given with ``"attention"``, or the chosen loss rejects the inputs.
 
     Example::
 
@@ -391,9 +411,19 @@ def feature_loss(student: Tensor, teacher: Tensor, loss: FeatureLossName = "mse"
         >>> t = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
         >>> [round(feature_loss(s, t, name).item(), 4) for name in ("mse", "l1", "cosine", "kl")]
         [3.25, 1.25, 0.3764, 0.3516]
+        >>> feature_loss(s, t, "mse", mask=torch.tensor([True, False])).item()  # only the first row counts
+        2.0
     """
     name = check_feature_loss(loss)
     p = _check_power(p)
+    if mask is not None:
+        if name == "attention":
+            raise ValueError(
+                "loss='attention' compares spatial attention maps of channel-first CNN features (N, C, *spatial); it "
+                "has no meaning for masked token features (B, L, D). HINT: use loss='mse' or 'cosine' for token "
+                "features."
+            )
+        student, teacher = _masked_pair(student, teacher, mask)
     if name == "attention":
         return attention_transfer_loss(student, teacher, p)
     pairwise = {"mse": mse_feature_loss, "l1": l1_feature_loss, "cosine": cosine_feature_loss, "kl": kl_feature_loss}
