@@ -45,8 +45,9 @@ class DistillationCallback(L.Callback):
     :class:`~lightning_distill.FeatureMap` s name, captured by forward hooks removed in ``teardown``) are handed to
     the module with :meth:`~lightning_distill.DistillModule.set_teacher_outputs`; they are cleared in
     ``on_train_batch_end``. With feature maps, ``setup("fit")`` also runs the teacher once on the module's
-    ``example_input_array`` (or, without one, on the first training batch of the Trainer's datamodule) so that the
-    module can build its projectors before the optimizer exists.
+    ``example_input_array`` (or, without one, on the first batch of the training data ``fit`` was given: a
+    ``DataLoader``, a datamodule's or the module's ``train_dataloader``) so that the module can build its projectors
+    before the optimizer exists.
 
     Args:
         teacher: The teacher model; frozen and kept in eval mode. Its output must be logits (a tensor, ``.logits`` or
@@ -156,6 +157,7 @@ class DistillationCallback(L.Callback):
         # Lightning reads `state_key` on every hook call; the teacher's class and logits layer never change.
         self._state_key = self._generate_state_key(teacher=_describe(self.teacher), logits_layer=logits_layer)
         self._first_batch_checked = False
+        self._first_batch: tuple[Tensor, Tensor] | None = None  # the first batch's teacher logits and target
 
     @property
     def teacher(self) -> nn.Module:
@@ -204,6 +206,7 @@ class DistillationCallback(L.Callback):
             shard_teacher(self.teacher, strategy.root_device, self.teacher_shard_units)
         self._runner.set_features((m.teacher, m.teacher_select) for m in pl_module.feature_maps)
         self._first_batch_checked = False
+        self._first_batch = None
         if stage != "fit":
             return
         if self.cache is not None:
@@ -213,7 +216,7 @@ class DistillationCallback(L.Callback):
                 "divergence='mse' compares raw logits, which a mixture of teachers does not have. HINT: use a "
                 "divergence on probabilities ('kl', 'reverse_kl', 'js', 'soft_ce', 'dkd')."
             )
-        if any(m.key not in pl_module.projectors for m in pl_module.feature_maps):
+        if pl_module.feature_maps:  # shapes for the projectors, and a check of every map, before the optimizer
             example = example_inputs(trainer, pl_module)
             teacher_features = None
             if example is not None:
@@ -250,11 +253,8 @@ class DistillationCallback(L.Callback):
             _check_finite(outputs.logits, trainer, batch_idx)
         if not self._first_batch_checked:
             self._first_batch_checked = True
-            if target is not None:
-                logits = outputs.logits
-                if module.shift_labels:  # a causal LM's logits at t predict token t + 1
-                    logits, target = logits[..., :-1, :], target[..., 1:]
-                _warn_if_chance_level(logits, target, module.ignore_index)
+            if target is not None:  # scored after the step: the module's shape checks speak first
+                self._first_batch = (outputs.logits, target)
         module.set_teacher_outputs(outputs)
 
     def _cached_outputs(self, trainer: L.Trainer, module: DistillModule, batch: Any, inputs: Any) -> TeacherOutputs:
@@ -298,7 +298,12 @@ class DistillationCallback(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _as_distill_module(pl_module).set_teacher_outputs(None)
+        module = _as_distill_module(pl_module)
+        module.set_teacher_outputs(None)
+        if self._first_batch is not None:
+            logits, target = self._first_batch
+            self._first_batch = None
+            _warn_if_chance_level(logits, target, module.ignore_index, module.shift_labels)
 
     @override
     def on_validation_batch_start(
@@ -432,25 +437,44 @@ def _check_finite(logits: Tensor, trainer: L.Trainer, batch_idx: int) -> None:
         )
 
 
-def _warn_if_chance_level(logits: Tensor, target: Tensor, ignore_index: int) -> None:
+def _warn_if_chance_level(logits: Tensor, target: Tensor, ignore_index: int, shift_labels: bool) -> None:
     """Warn when the teacher's first-batch accuracy is not clearly above chance (an untrained or unloaded teacher).
 
     "Clearly" is three binomial standard deviations above chance; the check is skipped when the batch is too small
-    for that bound to be below 100 %.
+    for that bound to be below 100 %. With ``shift_labels`` a causal LM's logits at t are scored against token t + 1.
+    Per-token logits scored without the shift that do predict the *next* token well get a hint to pass
+    ``shift_labels=True`` instead of the blame for untrained weights.
     """
-    if target.shape != logits.shape[:-1] or target.is_floating_point():
+    if shift_labels and logits.ndim >= 3:
+        logits, target = logits[..., :-1, :], target[..., 1:]
+    accuracy, bound, n = _accuracy_and_bound(logits, target, ignore_index)
+    if accuracy is None or accuracy >= bound:
         return
+    num_classes = logits.shape[-1]
+    seen = f"{accuracy:.1%} ({n} positions, {num_classes} classes, chance {1.0 / num_classes:.1%})"
+    if not shift_labels and logits.ndim >= 3 and logits.shape[-2] > 1:
+        shifted, shifted_bound, _ = _accuracy_and_bound(logits[..., :-1, :], target[..., 1:], ignore_index)
+        if shifted is not None and shifted >= shifted_bound:
+            rank_zero_warn(
+                f"The teacher's top-1 accuracy on the first training batch is {seen} against the labels at the same "
+                f"position, but {shifted:.1%} against the next token: it is a causal language model scored without "
+                "the shift. HINT: pass `DistillModule(..., shift_labels=True)`."
+            )
+            return
+    rank_zero_warn(
+        f"The teacher's top-1 accuracy on the first training batch is {seen}: it looks untrained. HINT: load its "
+        "weights with `DistillationCallback(teacher, teacher_checkpoint=...)`."
+    )
+
+
+def _accuracy_and_bound(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[float | None, float, int]:
+    """Top-1 accuracy over the counted positions and its chance bound; ``None`` when it cannot be judged."""
+    if target.shape != logits.shape[:-1] or target.is_floating_point():
+        return None, 1.0, 0
     counted = target != ignore_index
     n = int(counted.sum())
-    num_classes = logits.shape[-1]
-    chance = 1.0 / num_classes
+    chance = 1.0 / logits.shape[-1]
     bound = chance + 3.0 * math.sqrt(chance * (1.0 - chance) / max(n, 1))
     if n == 0 or bound >= 1.0:
-        return
-    accuracy = float((logits.argmax(-1) == target)[counted].float().mean())
-    if accuracy < bound:
-        rank_zero_warn(
-            f"The teacher's top-1 accuracy on the first training batch is {accuracy:.1%} ({n} samples, {num_classes} "
-            f"classes, chance {chance:.1%}): it looks untrained. HINT: load its weights with "
-            "`DistillationCallback(teacher, teacher_checkpoint=...)`."
-        )
+        return None, bound, n
+    return float((logits.argmax(-1) == target)[counted].float().mean()), bound, n

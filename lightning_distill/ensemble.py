@@ -26,8 +26,8 @@ from lightning_distill.outputs import call_with_inputs, extract_logits
 class TeacherMixture(nn.Module):
     """Runs every teacher on the same inputs and returns the logits of their weighted mixture at ``temperature``.
 
-    The teachers are submodules named by their keys, so a feature map can name ``"<key>.<layer>"``. The callback
-    sets :attr:`temperature` from the module before every run.
+    The teachers are direct submodules named by their keys, so a feature map names a teacher's layer
+    ``"<key>.<layer>"`` (``"a.layer2"``). The callback sets :attr:`temperature` from the module before every run.
 
     Args:
         teachers: Name -> teacher model (at least two). Each returns logits (a tensor, ``.logits`` or
@@ -36,7 +36,9 @@ class TeacherMixture(nn.Module):
 
     Raises:
         TypeError: For a teacher that is not an ``nn.Module``.
-        ValueError: For fewer than two teachers, weights naming other teachers, or a negative or all-zero weight.
+        ValueError: For fewer than two teachers, a name that is not a plain identifier or is taken by a mixture
+            attribute (``"weights"``, ``"forward"``, ...), weights naming other teachers, or a negative or all-zero
+            weight.
 
     Example::
 
@@ -56,12 +58,23 @@ class TeacherMixture(nn.Module):
                 f"`teachers` must map at least two names to models, got {teachers!r}. HINT: for one teacher pass "
                 "`DistillationCallback(teacher)`."
             )
-        for name, teacher in teachers.items():
-            if not isinstance(teacher, nn.Module):
-                raise TypeError(f"Teacher {name!r} must be a torch.nn.Module, got {type(teacher).__name__}.")
-        self.teachers = nn.ModuleDict(dict(teachers))
+        self.names = tuple(teachers)
         self.weights = _normalized(weights, list(teachers))
         self.temperature = 1.0
+        for name, teacher in teachers.items():  # after the attributes, so that no teacher can take their names
+            if not isinstance(teacher, nn.Module):
+                raise TypeError(f"Teacher {name!r} must be a torch.nn.Module, got {type(teacher).__name__}.")
+            if not isinstance(name, str) or not name.isidentifier() or hasattr(self, name):
+                raise ValueError(
+                    f"Teacher name {name!r} must be a plain identifier that is not an attribute of TeacherMixture "
+                    "(its layers are named '<name>.<layer>'). HINT: use names such as 'a', 'big', 'bert_large'."
+                )
+            self.add_module(name, teacher)
+
+    @property
+    def teachers(self) -> dict[str, nn.Module]:
+        """The teachers by name, in the order given."""
+        return {name: self.get_submodule(name) for name in self.names}
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """``T * log(sum_k w_k softmax(z_k / T))`` over the teachers' logits, in float32 (float64 stays)."""
