@@ -32,17 +32,20 @@ class ExitHead(nn.Module):
     average pooling when the deepest feature is a vector (``Linear(C, width)``), or as a 1x1 convolution followed by
     average pooling to the deepest feature's spatial size when it is a map. That projection is the **hint** compared
     with the deepest feature; the classifier reads it (globally averaged, for a map). For a vector feature ``(N, D)``
-    the bottleneck is ``Linear(D, width)`` with ReLU.
+    the bottleneck is ``Linear(D, width)`` with ReLU. For token features ``(N, L, D)`` (a transformer block's
+    output, ``tokens=True``) the tokens are averaged and the bottleneck is ``Linear(D, width)`` with ReLU: the hint
+    is then a vector.
 
     Args:
         in_shape: Per-sample shape of the feature the head reads (no batch dimension): ``(C, *spatial)`` or ``(D,)``.
         width: Width of the hint; equal to the deepest feature's channels (or features), so the hint matches it.
         num_classes: Number of logits.
         hint_shape: Per-sample shape of the deepest feature the hint is compared with; ``None`` for no hint.
+        tokens: Read ``in_shape`` as ``(L, D)`` token features instead of a channel-first map.
 
     Raises:
-        ValueError: For a feature of rank above 4 (more than 3 spatial dims) or a hint that cannot be shaped like
-            the deepest feature (a map hint from a vector feature).
+        ValueError: For a feature of rank above 4 (more than 3 spatial dims), a hint that cannot be shaped like
+            the deepest feature (a map hint from a vector or token feature), or ``tokens`` with another rank than 2.
 
     Example::
 
@@ -54,19 +57,29 @@ class ExitHead(nn.Module):
     """
 
     def __init__(
-        self, in_shape: tuple[int, ...], width: int, num_classes: int, hint_shape: tuple[int, ...] | None = None
+        self,
+        in_shape: tuple[int, ...],
+        width: int,
+        num_classes: int,
+        hint_shape: tuple[int, ...] | None = None,
+        tokens: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= len(in_shape) <= 4:
             raise ValueError(f"An exit head reads (C, *spatial) maps (1-3 spatial dims) or (D,) vectors: {in_shape}.")
-        if hint_shape is not None and len(hint_shape) > 1 and len(in_shape) == 1:
-            raise ValueError(f"A vector feature {in_shape} cannot give a hint shaped like the map {hint_shape}.")
+        if tokens and len(in_shape) != 2:
+            raise ValueError(f"Token features are (L, D) per sample, got {in_shape}.")
+        if hint_shape is not None and len(hint_shape) > 1 and (len(in_shape) == 1 or tokens):
+            raise ValueError(
+                f"A vector or token feature {in_shape} cannot give a hint shaped like the map {hint_shape}."
+            )
         self.in_shape = tuple(in_shape)
         self.width = width
+        self.tokens = tokens
         self.hint_shape = None if hint_shape is None else tuple(hint_shape)
-        channels = in_shape[0]
+        channels = in_shape[-1] if tokens else in_shape[0]
         self.map_hint = self.hint_shape is not None and len(self.hint_shape) > 1
-        if len(in_shape) == 1:
+        if len(in_shape) == 1 or tokens:
             self.conv: nn.Module = nn.Identity()
         else:
             conv = _CONVS[len(in_shape) - 1](channels, channels, kernel_size=3, padding=1)
@@ -80,13 +93,14 @@ class ExitHead(nn.Module):
             "in_shape": list(self.in_shape),
             "width": self.width,
             "hint_shape": None if self.hint_shape is None else list(self.hint_shape),
+            "tokens": self.tokens,
         }
 
     def forward(self, feature: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(hint, logits)`` for a batch of features; ``hint`` is shaped like the deepest feature."""
         hidden = self.conv(feature)
         if not self.map_hint:
-            pooled = hidden if hidden.ndim == 2 else hidden.flatten(2).mean(-1)
+            pooled = hidden.mean(1) if self.tokens else hidden if hidden.ndim == 2 else hidden.flatten(2).mean(-1)
             hint = torch.relu(self.project(pooled))
             return hint, self.classifier(hint)
         assert self.hint_shape is not None  # map_hint implies it

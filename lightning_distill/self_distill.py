@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_distill.capture import FeatureCapture, ModifiedInPlaceError, tensor_version
 from lightning_distill.early_exit import EarlyExitReport, ExitModel, run_early_exit, sweep_thresholds
 from lightning_distill.heads import ExitHead
+from lightning_distill.inc import inc_self_distill_arguments
 from lightning_distill.layers import find_layer
 from lightning_distill.losses.functional import (
     check_alpha,
@@ -32,6 +33,7 @@ from lightning_distill.losses.functional import (
 )
 from lightning_distill.losses.functional._common import _check_ignore_index
 from lightning_distill.outputs import call_with_inputs, example_inputs, extract_logits
+from lightning_distill.positions import is_encoder_decoder
 from lightning_distill.training import (
     FactoryModule,
     LRSchedulerFactory,
@@ -64,7 +66,9 @@ class SelfDistillModule(FactoryModule):
     Args:
         backbone: The network; its forward returns logits (a tensor, ``.logits`` or ``["logits"]``), classes last.
         exits: Dotted names of the backbone layers after which an exit is attached, shallow to deep, in the order
-            the forward runs them. Each layer's output must be a tensor whose first dimension is the batch.
+            the forward runs them. Each layer's output must be a tensor whose first dimension is the batch. A
+            Hugging Face backbone's hidden states ``(B, L, D)`` (a ViT block's output) get token heads (mean over
+            the tokens); other outputs are channel-first maps ``(B, C, *spatial)`` or vectors.
         num_classes: Number of classes.
         temperature: Softmax temperature :math:`T > 0` of the KD terms.
         alpha: Weight :math:`\alpha \in [0, 1]` of the KD term of each shallow exit; ``1 - alpha`` weights its CE.
@@ -88,7 +92,8 @@ class SelfDistillModule(FactoryModule):
     Raises:
         TypeError: For a backbone that is not an ``nn.Module`` or a non-factory optimizer / scheduler.
         ValueError: For empty or repeated exits, an exit or feature layer the backbone lacks (closest names are
-            listed), a bad weight, ``alpha`` or ``temperature``.
+            listed), a bad weight, ``alpha`` or ``temperature``, an encoder-decoder backbone, or (when the heads are
+            built) a backbone whose logits are per token rather than ``(B, C)``.
 
     Example::
 
@@ -134,6 +139,12 @@ class SelfDistillModule(FactoryModule):
             raise ValueError(
                 f"`exit_weights` needs one weight per exit plus one for the backbone's output ({len(exits) + 1}), "
                 f"got {len(weights)}: {exit_weights!r}."
+            )
+        if is_encoder_decoder(backbone):
+            raise ValueError(
+                f"SelfDistillModule does not support encoder-decoder backbones ({type(backbone).__name__}): its exits "
+                "give one prediction per sample and it builds no decoder inputs. HINT: distill an encoder-decoder "
+                "from a teacher with DistillModule + DistillationCallback."
             )
         self.backbone = backbone
         self.exits = tuple(exits)
@@ -205,38 +216,12 @@ class SelfDistillModule(FactoryModule):
             >>> model.exits, model.feature_layer, model.feature_weight, model.kd_weight, model.task_weight
             (('stages.0', 'stages.1'), 'pool', 0.5, 0.05, 0.0)
         """
-        if not len(layer_mappings) == len(loss_types) == len(loss_weights):
-            raise ValueError(
-                f"`layer_mappings` ({len(layer_mappings)} groups), `loss_types` ({len(loss_types)}) and "
-                f"`loss_weights` ({len(loss_weights)}) must have the same length."
-            )
-        exits: list[str] = []
-        feature_layers: set[str] = set()
-        feature_weight, kd_weight = 0.0, 0.0
-        for group, kind, weight in zip(layer_mappings, loss_types, loss_weights, strict=True):
-            if kind not in ("L2", "KL", "CE"):
-                raise ValueError(f"INC loss type must be 'L2', 'KL' or 'CE', got {kind!r}.")
-            for shallow, deepest in group:
-                exits.extend([shallow] if shallow not in exits else [])
-                if kind == "L2":
-                    feature_layers.add(deepest)
-            if kind == "L2":
-                feature_weight += weight
-            else:
-                kd_weight += weight
-        if len(feature_layers) > 1:
-            raise ValueError(f"The 'L2' group names several deepest layers {sorted(feature_layers)}; expected one.")
         return cls(
             backbone,
-            exits,
-            num_classes,
+            num_classes=num_classes,
             temperature=temperature,
-            feature_weight=feature_weight,
-            kd_weight=kd_weight,
-            task_weight=0.0,
-            feature_layer=next(iter(feature_layers), None),
-            exit_weights=[1.0] * len(exits) + [1.0 if add_origin_loss else 0.0],
             **kwargs,
+            **inc_self_distill_arguments(layer_mappings, loss_types, loss_weights, add_origin_loss),
         )
 
     # ------------------------------------------------------------------------------------------------------ heads
@@ -277,6 +262,12 @@ class SelfDistillModule(FactoryModule):
             handle.remove()
             for module, training in modes.items():
                 module.training = training
+        if logits.ndim != 2:
+            raise ValueError(
+                f"SelfDistillModule's exits give one prediction per sample, but the backbone returns logits of shape "
+                f"{tuple(logits.shape)} (per-token logits: a language model or token classifier). HINT: self-"
+                "distillation here is for (B, C) classifiers (CNNs, ViTs, sequence classifiers)."
+            )
         if logits.shape[-1] != self.num_classes:
             raise ValueError(
                 f"The backbone returns {logits.shape[-1]} logits per sample but `num_classes` is {self.num_classes}."
@@ -305,13 +296,22 @@ class SelfDistillModule(FactoryModule):
         self.heads = nn.ModuleList(
             ExitHead(
                 tuple(outputs[name].shape[1:]),
-                width=outputs[name].shape[1] if hint_shape is None else hint_shape[0],
+                width=_width(outputs[name], self._tokens(outputs[name])) if hint_shape is None else hint_shape[0],
                 num_classes=self.num_classes,
                 hint_shape=hint_shape,
+                tokens=self._tokens(outputs[name]),
             )
             for name in self.exits
         ).to(logits.device)
         self._capture = None  # rebuilt with the hint key on next use
+
+    def _tokens(self, feature: Tensor) -> bool:
+        """Whether an exit's output is token features ``(B, L, D)`` rather than a channel-first map.
+
+        Token features are a Hugging Face backbone's hidden states: rank 3, the last dimension ``config.hidden_size``.
+        """
+        hidden_size = getattr(getattr(self.backbone, "config", None), "hidden_size", None)
+        return feature.ndim == 3 and isinstance(hidden_size, int) and feature.shape[-1] == hidden_size
 
     def _find_hint(
         self, calls: list[tuple[nn.Module, Any, Any]], names: dict[nn.Module, str], logits: Tensor
@@ -538,6 +538,7 @@ class SelfDistillModule(FactoryModule):
                 spec["width"],
                 self.num_classes,
                 None if spec["hint_shape"] is None else tuple(spec["hint_shape"]),
+                spec.get("tokens", False),
             )
             for spec in state["heads"]
         )
@@ -602,6 +603,11 @@ def _changed(call: tuple[nn.Module, Any, Any], versions: tuple[int | None, int |
     """Whether that part changed in place since the layer returned; ``None`` if unknown (inference tensors)."""
     before, after = versions[part], _version(_part(call, part))
     return None if before is None or after is None else after != before
+
+
+def _width(feature: Tensor, tokens: bool) -> int:
+    """The width of an exit feature: its last dimension for tokens, its channels (dimension 1) otherwise."""
+    return feature.shape[-1] if tokens else feature.shape[1]
 
 
 def _to_device(inputs: Any, module: L.LightningModule) -> Any:

@@ -343,5 +343,7 @@ def test_exit_head_rejects_shapes_it_cannot_serve():
 
     with pytest.raises(ValueError, match=r"\(1-3 spatial dims\) or \(D,\) vectors: \(1, 2, 3, 4, 5\)"):
         ExitHead((1, 2, 3, 4, 5), width=8, num_classes=4)
-    with pytest.raises(ValueError, match=r"A vector feature \(8,\) cannot give a hint shaped like the map \(16, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"A vector or token feature \(8,\) cannot give a hint shaped like the map \(16, 5\)"
+    ):
         ExitHead((8,), width=16, num_classes=4, hint_shape=(16, 5))
