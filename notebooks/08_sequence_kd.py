@@ -349,7 +349,7 @@ except ValueError as error:
     print(f"{type(error).__name__}: {error}")
 else:
     raise AssertionError("a teacher with another vocabulary should have been refused")
-assert "vocabularies differ (64 vs 80 tokens); nothing is truncated" in str(mismatch)
+assert "class counts differ (64 vs 80); nothing is truncated" in str(mismatch)
 
 # %% [markdown]
 # ## What to take away

@@ -170,9 +170,9 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
     s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
     if s_shape[-1] != t_shape[-1] and len(s_shape) >= 3:
         why = (
-            f"their vocabularies differ ({s_shape[-1]} vs {t_shape[-1]} tokens); nothing is truncated. HINT: the "
-            "teacher and the student must share a tokenizer; if one only pads its embedding matrix, slice its logits "
-            "to the shared vocabulary yourself."
+            f"their per-position class counts differ ({s_shape[-1]} vs {t_shape[-1]}); nothing is truncated. HINT: "
+            "for language models the teacher and the student must share a tokenizer (if one only pads its embedding "
+            "matrix, slice its logits to the shared vocabulary yourself); token classifiers must share a label set."
         )
     elif s_shape[-1] != t_shape[-1]:
         why = (
