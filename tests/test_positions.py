@@ -22,26 +22,14 @@ from lightning_distill.positions import (
     route_inputs,
     token_masks,
 )
+from tests.helpers import hf
 from tests.helpers.tiny import make_trainer
 
 transformers = pytest.importorskip("transformers")
 
 
-def _t5(seed: int = 0, d_model: int = 16) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.T5Config(
-        vocab_size=32,
-        d_model=d_model,
-        d_ff=32,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=2,
-        d_kv=8,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return transformers.T5ForConditionalGeneration(config)
+def _t5(seed: int = 0, size: str = "student") -> nn.Module:
+    return hf.make_model("t5", size, seed)
 
 
 def _seq2seq_batch(encoder_length: int = 6, decoder_length: int = 6) -> dict[str, Tensor]:
@@ -123,7 +111,7 @@ def test_routing_refusals_name_the_fix():
 
 
 def test_t5_trains_through_the_trainer_with_the_decoder_mask_and_the_hand_written_loss(tmp_path):
-    student, teacher = _t5(0), _t5(1, d_model=24)
+    student, teacher = _t5(0), _t5(1, "teacher")
     batch = _seq2seq_batch(encoder_length=6, decoder_length=6)  # equal lengths: a wrong mask would fit silently
     module = DistillModule(student=student, alpha=0.7, temperature=2.0)
     seen: list[dict[str, Tensor]] = []
@@ -141,7 +129,7 @@ def test_t5_trains_through_the_trainer_with_the_decoder_mask_and_the_hand_writte
 
 
 def test_distiller_gives_the_teacher_no_labels_and_the_trainer_paths_loss():
-    student, teacher = _t5(0), _t5(1, d_model=24)
+    student, teacher = _t5(0), _t5(1, "teacher")
     batch = _seq2seq_batch(encoder_length=7, decoder_length=5)
     seen: list[dict[str, Tensor]] = []
     teacher.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs), with_kwargs=True)
