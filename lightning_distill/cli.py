@@ -1,9 +1,11 @@
 """The ``lightning-distill`` console script.
 
 ``lightning-distill demo [...]`` runs :mod:`lightning_distill.demo`; ``lightning-distill fit|validate|test|predict
---config CONFIG.yaml`` runs Lightning's :class:`~lightning.pytorch.cli.LightningCLI` with any
+--config CONFIG.yaml`` runs :class:`~lightning_distill.lightning_cli.DistillCLI` (Lightning's ``LightningCLI``) with any
 :class:`~lightning_distill.DistillModule` (subclass or wrapped network) and any ``LightningDataModule``, the teacher
-given as a ``DistillationCallback`` in ``trainer.callbacks`` (see ``configs/``).
+given as a ``DistillationCallback`` in ``trainer.callbacks`` (see ``configs/``). ``fit`` ends by printing the final
+validation metrics and the checkpoint's path; a teacher checkpoint that does not exist yet stops the command before
+anything is built, naming the config that writes it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 
 import lightning as L
 
+from lightning_distill.loggers import quiet_lightning
 from lightning_distill.module import DistillModule
 
 USAGE = """usage: lightning-distill {demo,fit,validate,test,predict} ...
@@ -24,7 +27,7 @@ USAGE = """usage: lightning-distill {demo,fit,validate,test,predict} ...
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lightning-distill`` console script."""
+    """Entry point of the ``lightning-distill`` console script; ``argv`` replaces ``sys.argv[1:]`` when given."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
@@ -34,16 +37,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         demo_main(args[1:])
         return
-    from lightning.pytorch.cli import LightningCLI
+    from lightning_distill.lightning_cli import DistillCLI  # imports jsonargparse: only for these commands
 
-    LightningCLI(
-        DistillModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-    )
+    with quiet_lightning(banners=True):  # Lightning's own deprecation noise only; its banners stay
+        DistillCLI(
+            DistillModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=None if argv is None else args,  # None: LightningCLI reads sys.argv itself, as it expects to
+            save_config_kwargs={"overwrite": True},
+        )
 
 
 if __name__ == "__main__":

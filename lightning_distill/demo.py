@@ -1,20 +1,24 @@
 """The end-to-end demo: teacher → student alone vs distilled on MNIST-1D, same recipe and seeds.
 
-Run it with ``lightning-distill demo`` (about 2-3 minutes on two CPU cores). It trains a 1-D CNN teacher, then for
+Run it with ``lightning-distill demo`` (about 3½ minutes on two CPU cores). It trains a 1-D CNN teacher, then for
 each seed an MLP student alone (``alpha=0``) and the same MLP distilled from the teacher, both with the same
-optimizer, schedule, epochs, data order and initial weights. It prints a table of test accuracy (mean ± std over
-seeds) and wall time, and writes ``results.csv``, ``summary.csv``, ``results.png``, the teacher checkpoint and the
-logs of every run (CSV, and TensorBoard when it is installed) to the output folder.
+optimizer, schedule, epochs, data order and initial weights. It reports each run as it starts and ends on stderr
+(``run 3/11 distilled seed 0 … 73.3 % in 17.5 s``), prints a table of test accuracy (mean ± std over seeds) and wall
+time, and writes ``results.csv``, ``summary.csv``, ``results.png``, the teacher checkpoint and the logs of every run
+(CSV, and TensorBoard when it is installed) to the output folder; its last line is the plot's path.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import statistics
+import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +27,7 @@ import torch
 
 from lightning_distill.callback import DistillationCallback
 from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import default_loggers, logged_trainer, read_metric, where_logs_are
+from lightning_distill.loggers import logged_trainer, quiet_lightning, read_metric, where_logs_are
 from lightning_distill.models import MLPStudent, MNIST1DTeacher
 from lightning_distill.module import DistillModule
 
@@ -45,6 +49,8 @@ class DemoConfig:
         threads: ``torch.set_num_threads`` for the run. The models are tiny: one thread is about as fast as
             several and, unlike several, is not slowed many-fold when another process competes for the cores.
         tensorboard: Also log to TensorBoard: ``None`` when it is installed, ``True`` always, ``False`` never.
+        quick: A smoke run (``--quick``): its teacher is barely trained on purpose, so the callback's untrained-teacher
+            warning is expected and not shown, and the accuracies say nothing about distillation.
     """
 
     output: Path = Path("demo_output")
@@ -58,32 +64,68 @@ class DemoConfig:
     num_train: int | None = None
     threads: int = 1
     tensorboard: bool | None = None
+    quick: bool = False
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """One trained model's outcome."""
+    """One trained model's outcome; ``logs`` says where its logs are (:func:`where_logs_are`)."""
 
     model: str
     seed: int
     test_acc: float
     fit_seconds: float
+    logs: str = ""
 
 
 def _trainer(config: DemoConfig, name: str, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
-    return logged_trainer(config.output / "logs", name, epochs, callbacks, tensorboard=config.tensorboard)
+    log_every_n_steps = 1 if config.quick else 10  # a quick epoch has 4 batches, a full one 40
+    return logged_trainer(
+        config.output / "logs",
+        name,
+        epochs,
+        callbacks,
+        tensorboard=config.tensorboard,
+        log_every_n_steps=log_every_n_steps,
+    )
 
 
 def _fit_and_test(
-    config: DemoConfig, name: str, seed: int, module: DistillModule, epochs: int, callbacks: list[L.Callback]
+    config: DemoConfig,
+    run: tuple[int, int],
+    name: str,
+    seed: int,
+    module: DistillModule,
+    epochs: int,
+    callbacks: list[L.Callback],
 ) -> tuple[RunResult, L.Trainer]:
+    index, total = run
+    label = "teacher" if name == "teacher" else f"{name} seed {seed}"
+    print(f"run {index}/{total} {label} …", end="", file=sys.stderr, flush=True)
     datamodule = MNIST1DDataModule(data_seed=config.data_seed, num_train=config.num_train)
     trainer = _trainer(config, f"{name}_seed{seed}", epochs, callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
-    return RunResult(name, seed, float(metrics["test/acc"]), seconds), trainer
+    accuracy = float(metrics["test/acc"])
+    print(f" {100 * accuracy:.1f} % in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return RunResult(name, seed, accuracy, seconds, where_logs_are(trainer.loggers)), trainer
+
+
+@contextlib.contextmanager
+def _demo_warnings(config: DemoConfig) -> Iterator[None]:
+    """Hide the warnings the demo expects; every other warning still shows.
+
+    MNIST-1D sits in memory, where ``num_workers=0`` loads fastest: Lightning's advice to add workers (on machines
+    with more than two cores) is for data read from disk. In a smoke run the callback's "looks untrained" warning
+    about the 2-epoch teacher is expected.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        if config.quick:
+            warnings.filterwarnings("ignore", message=r".*it looks untrained\..*")
+        yield
 
 
 def _student(config: DemoConfig, seed: int, alpha: float) -> DistillModule:
@@ -98,7 +140,15 @@ def _student(config: DemoConfig, seed: int, alpha: float) -> DistillModule:
 
 
 def run_demo(config: DemoConfig) -> list[RunResult]:
-    """Train the teacher and the students; write the teacher checkpoint; return one result per trained model."""
+    """Train the teacher and the students; write the teacher checkpoint; return one result per trained model.
+
+    Each run is reported on stderr as it starts and ends (``run 2/11 student_alone seed 0 … 68.8 % in 9.8 s``).
+    """
+    with quiet_lightning(), _demo_warnings(config):  # one progress line per run instead of Lightning's banners
+        return _run_demo(config)
+
+
+def _run_demo(config: DemoConfig) -> list[RunResult]:
     config.output.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     L.seed_everything(0, verbose=False)
@@ -107,16 +157,19 @@ def run_demo(config: DemoConfig) -> list[RunResult]:
         alpha=0.0,
         optimizer=functools.partial(torch.optim.Adam, lr=5e-3),
     )
-    teacher_result, trainer = _fit_and_test(config, "teacher", 0, teacher_module, config.teacher_epochs, [])
-    trainer.save_checkpoint(config.output / "teacher.ckpt")
+    total = 1 + 2 * config.seeds
+    teacher_result, trainer = _fit_and_test(config, (1, total), "teacher", 0, teacher_module, config.teacher_epochs, [])
+    trainer.save_checkpoint(config.output / "teacher.ckpt", weights_only=False)  # a full, resumable checkpoint
     teacher = teacher_module.export_student()
     results = [teacher_result]
     for seed in range(config.seeds):
         alone = _student(config, seed, alpha=0.0)
-        results.append(_fit_and_test(config, "student_alone", seed, alone, config.student_epochs, [])[0])
+        run = (2 + 2 * seed, total)
+        results.append(_fit_and_test(config, run, "student_alone", seed, alone, config.student_epochs, [])[0])
         distilled = _student(config, seed, alpha=config.alpha)
         callback = DistillationCallback(teacher)
-        results.append(_fit_and_test(config, "distilled", seed, distilled, config.student_epochs, [callback])[0])
+        run = (3 + 2 * seed, total)
+        results.append(_fit_and_test(config, run, "distilled", seed, distilled, config.student_epochs, [callback])[0])
     return results
 
 
@@ -204,7 +257,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     parser.add_argument("--alpha", type=float, default=defaults.alpha)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny subset, 2 epochs)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run of seconds (400 samples, 2 epochs): checks, not results"
+    )
     parser.add_argument(
         "--tensorboard",
         action=argparse.BooleanOptionalAction,
@@ -227,6 +282,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
             num_train=400,
             threads=args.threads,
             tensorboard=args.tensorboard,
+            quick=True,
         )
     return DemoConfig(
         args.output,
@@ -244,10 +300,17 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-distill demo``."""
     config = parse_args(argv)
+    if config.quick:
+        print(
+            "Smoke run (--quick): 400 training samples, 2 epochs per model, a teacher trained just enough to run. "
+            "It checks that everything works; its accuracies say nothing about distillation (drop --quick for that).",
+            flush=True,
+        )
     start = time.perf_counter()
     results = run_demo(config)
     write_outputs(config, results)
     print(markdown_table(summarize(results)))
-    print(f"\nTotal wall time {time.perf_counter() - start:.0f} s. Results, plot and logs in {config.output}/")
-    loggers = default_loggers(config.output / "logs", "distilled_seed0", tensorboard=config.tensorboard)
-    print(f"Logs of the first distilled run:\n{where_logs_are(loggers)}")
+    print(f"\nTotal wall time {time.perf_counter() - start:.0f} s. Tables, checkpoint and logs in {config.output}/")
+    first_distilled = next(r for r in results if r.model == "distilled")
+    print(f"Logs of the first distilled run:\n{first_distilled.logs}")
+    print(f"Plot: {config.output / 'results.png'}")

@@ -2,18 +2,27 @@
 
 The CSV log is what the demo's tables and the notebooks' learning curves are read from, so it is always written;
 TensorBoard is added for browsing when the ``tensorboard`` package is importable (``pip install tensorboard``).
+:func:`quiet_lightning` hides Lightning's per-run banners for scripts that run many small fits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+# Raised by Lightning's own code whatever the caller does: its pytree helper (lightning 2.6) still tests
+# `isinstance(treespec, LeafSpec)`, which torch 2.13 deprecates; once per process.
+KNOWN_LIGHTNING_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",)
 
 
 def tensorboard_available() -> bool:
@@ -30,6 +39,10 @@ def default_loggers(save_dir: str | Path, name: str, tensorboard: bool | None = 
         tensorboard: ``None`` (default) adds a :class:`TensorBoardLogger` writing to ``save_dir/tensorboard/name``
             when TensorBoard is installed; ``True`` requires it; ``False`` never adds it.
 
+    A run's folders belong to its name: a previous run's ``metrics.csv``, ``hparams.yaml`` and TensorBoard event
+    files there are removed first (on process 0), so a re-run's logs are its own and Lightning does not warn that
+    it will delete them (its ``CSVLogger`` would replace them anyway; TensorBoard would show both runs overlaid).
+
     Returns:
         The loggers for ``Trainer(logger=...)``; the CSV logger is first, so ``trainer.log_dir`` is its folder.
 
@@ -42,15 +55,58 @@ def default_loggers(save_dir: str | Path, name: str, tensorboard: bool | None = 
         ['CSVLogger']
     """
     save_dir = Path(save_dir)
-    loggers: list[Logger] = [CSVLogger(save_dir, name=name, version="")]
     if tensorboard and not tensorboard_available():
         raise ModuleNotFoundError(
             "tensorboard=True but neither `tensorboard` nor `tensorboardX` is installed. "
             "HINT: `pip install tensorboard`, or pass tensorboard=None to log to CSV only."
         )
+    _remove_previous_run(save_dir / name, ("metrics.csv", "hparams.yaml"))
+    loggers: list[Logger] = [CSVLogger(save_dir, name=name, version="")]
     if tensorboard or (tensorboard is None and tensorboard_available()):
+        _remove_previous_run(save_dir / "tensorboard" / name, ("events.out.tfevents.*", "hparams.yaml"))
         loggers.append(TensorBoardLogger(save_dir / "tensorboard", name=name, version="", default_hp_metric=False))
     return loggers
+
+
+@rank_zero_only  # a DDP child re-running the script starts after process 0 removed them, never after it wrote
+def _remove_previous_run(folder: Path, patterns: Sequence[str]) -> None:
+    if not folder.is_dir():
+        return
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
+@contextlib.contextmanager
+def quiet_lightning(*, banners: bool = False) -> Iterator[None]:
+    """Hide Lightning's start-up banners and its known one-off warnings inside the block; restore them after.
+
+    For scripts that run many small fits (the demo): the ``lightning.pytorch`` and ``lightning.fabric`` loggers show
+    warnings and errors only, so no "GPU available…", "TPU available…", litlogger tip or "`Trainer.fit` stopped"
+    lines, and the warnings in ``KNOWN_LIGHTNING_WARNINGS`` (raised by Lightning's own code whatever the caller does)
+    are ignored. Every other warning still shows.
+
+    Args:
+        banners: Keep Lightning's information lines; hide only the known warnings (the command line does this).
+
+    Example:
+        >>> with quiet_lightning():
+        ...     logging.getLogger("lightning.pytorch").isEnabledFor(logging.INFO)
+        False
+    """
+    names = () if banners else ("lightning.pytorch", "lightning.fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings():
+        for message in KNOWN_LIGHTNING_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        try:
+            for name in names:
+                logging.getLogger(name).setLevel(logging.WARNING)
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def logged_trainer(

@@ -176,7 +176,7 @@ if not QUICK:
 
 # %% [markdown]
 # In the full run (seeds 0 and 1) we measured 68.5 ± 0.6 % for the student alone and 74.5 ± 0.8 % distilled, a
-# gain of +4.9 and +6.9 points per seed; `lightning-distill demo`, with 5 seeds, gives 68.7 → 74.0 %. The teacher is
+# gain of +4.9 and +6.9 points per seed; `lightning-distill demo`, with 5 seeds, gives 68.5 → 73.0 %. The teacher is
 # *smaller* than the student: what it passes on is the inductive bias of its convolutions (MNIST-1D digits are told
 # apart by where their bumps lie), which an MLP cannot learn from 4000 labels alone.
 #

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.processes import run_python
+from tests.helpers.processes import REPO_ROOT, run_python
 
 
 def run_quick(script: str, *args: str) -> str:
@@ -101,3 +103,20 @@ def test_quantization_quick_runs_and_prints_both_tables(tmp_path: Path) -> None:
     for row in ("| 8-bit, QAT alone", "| 8-bit, QAT + KD", "| 4-bit, QAT alone", "| 4-bit, QAT + KD", "| int8 (8-bit"):
         assert row in out
     assert_plotted(out, tmp_path / "x.png")
+
+
+@pytest.mark.slow
+def test_gpu_model_quick_runs_on_cpu_and_prints_the_table() -> None:
+    pytest.importorskip("transformers")
+    out = run_quick("gpu_model.py", "--device", "cpu")
+    assert "| variant | median step ms [p25-p75] | ratio vs hand-written (median of rounds) |" in out
+    rows = ("| hand-written |", "| plugin |", "| plugin, check_finite=False |", '| plugin, teacher_precision="bf16" |')
+    assert all(row in out for row in rows), out
+
+
+def test_gpu_check_script_is_valid_bash_and_documents_its_dry_run() -> None:
+    script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    assert os.access(script, os.X_OK)
+    help_text = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30).stdout
+    assert "--cpu-dry-run" in help_text and "benchmarks/results/gpu_check.md" in help_text

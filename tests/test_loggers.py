@@ -94,3 +94,38 @@ def test_logged_trainer_logs_where_default_loggers_say_and_takes_overrides(tmp_p
     assert (trainer.max_epochs, trainer.limit_train_batches, trainer.log_every_n_steps) == (2, 3, 1)
     assert [type(lg) for lg in trainer.loggers] == [CSVLogger] and Path(trainer.log_dir) == tmp_path / "run"
     assert trainer.checkpoint_callback is None and not trainer.progress_bar_callback
+
+
+def test_a_rerun_under_the_same_name_replaces_its_logs_without_a_warning(tmp_path: Path, recwarn) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("tensorboard")
+    for _ in range(2):
+        fit(default_loggers(tmp_path, "run"))
+    assert read_metric(tmp_path / "run", "val/acc") == [(0, 0.0), (1, 10.0), (2, 20.0)]  # the second run's only
+    assert len(list((tmp_path / "tensorboard" / "run").glob("events.out.tfevents.*"))) == 1
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    default_loggers(tmp_path, "run")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the loggers' own files are removed
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_quiet_lightning_hides_banners_and_known_warnings_and_restores_them(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import warnings
+
+    from lightning_distill.loggers import quiet_lightning
+
+    caplog.set_level(logging.INFO)
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    before = lightning_logger.level
+    with warnings.catch_warnings(record=True) as recorded:
+        warnings.simplefilter("always")
+        with quiet_lightning():
+            lightning_logger.info("GPU available: False, used: False")
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning, stacklevel=1)
+            warnings.warn("anything else", UserWarning, stacklevel=1)
+        with quiet_lightning(banners=True):
+            lightning_logger.info("TPU available: False")
+    assert [str(w.message) for w in recorded] == ["anything else"]
+    assert [r.getMessage() for r in caplog.records if r.name == "lightning.pytorch"] == ["TPU available: False"]
+    assert lightning_logger.level == before

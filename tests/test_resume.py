@@ -39,6 +39,7 @@ def build(seed: int = 0, features: bool = False) -> DistillModule:
     return module
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed run saves no checkpoints
 @pytest.mark.parametrize("features", [False, True], ids=["logits", "features+schedules"])
 def test_crash_and_resume_equals_uninterrupted_run(tmp_path, features):
     teacher = trained_teacher()

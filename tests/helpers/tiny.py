@@ -83,6 +83,7 @@ def make_trainer(tmp_path: Any, **kwargs: Any) -> L.Trainer:
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=2,
+        log_every_n_steps=1,  # two batches: Lightning warns when the interval is longer than an epoch
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,

@@ -1,0 +1,96 @@
+"""``DistillCLI``: Lightning's ``LightningCLI`` that checks the teacher checkpoint first and reports what ``fit`` did.
+
+The ``lightning-distill fit|validate|test|predict`` commands (:mod:`lightning_distill.cli`) run it. Importing this
+module imports ``jsonargparse``, which :mod:`lightning_distill.cli` does only for those commands: ``lightning-distill
+demo`` does not pay for it, and a process that imports ``jupytext`` later still writes notebooks (jupytext registers
+its YAML representer on a class whose table jsonargparse has already copied).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
+
+
+class DistillCLI(LightningCLI):
+    """:class:`LightningCLI` over :class:`DistillModule` that checks the teacher checkpoint first and reports ``fit``.
+
+    :func:`lightning_distill.cli.main` runs it; a script of your own may use it like ``LightningCLI`` (the same
+    arguments). A ``teacher_checkpoint`` in ``trainer.callbacks`` that does not exist stops it before anything is
+    built, naming the config beside the given one whose ``ModelCheckpoint`` writes that file; ``fit`` ends by
+    printing the final ``val/`` metrics and the checkpoint's path.
+    """
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for path in _teacher_checkpoints(config.get("trainer", {}).get("callbacks")):
+            if not Path(path).is_file():
+                writer = _config_that_writes(path, [Path(str(c)) for c in config.get("config") or []])
+                hint = (
+                    f"run `lightning-distill fit --config {writer}` first, it writes it"
+                    if writer is not None
+                    else "train the teacher first, or point `teacher_checkpoint` at an existing checkpoint"
+                )
+                raise SystemExit(f"lightning-distill: the teacher checkpoint {path} does not exist: {hint}.")
+
+    def after_fit(self) -> None:
+        """Print the final validation metrics and the path of the checkpoint ``fit`` saved (process 0 only)."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        shown = ", ".join(f"{key} {value:.4f}" for key, value in sorted(metrics.items())) or "none (no validation)"
+        print(f"Final validation metrics: {shown}")
+        checkpoint = trainer.checkpoint_callback
+        path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+        if path and Path(path).resolve().is_relative_to(Path.cwd().resolve()):
+            path = os.path.relpath(path)
+        print(f"Checkpoint: {path}" if path else "Checkpoint: none saved (no ModelCheckpoint callback)")
+
+
+def _teacher_checkpoints(callbacks: Any) -> list[str]:
+    """The ``teacher_checkpoint`` paths set in the parsed ``trainer.callbacks``."""
+    if callbacks is None:
+        return []
+    found = []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        init_args = getattr(callback, "init_args", None)
+        path = None if init_args is None else init_args.get("teacher_checkpoint")
+        if path is not None:
+            found.append(str(path))
+    return found
+
+
+def _config_that_writes(checkpoint: str, configs: Iterable[Path]) -> str | None:
+    """The YAML file beside ``configs`` whose ``ModelCheckpoint`` writes ``checkpoint``, as a path from here."""
+    target = Path(os.path.abspath(checkpoint))
+    for folder in dict.fromkeys(Path(c).resolve().parent for c in configs):
+        for candidate in sorted(folder.glob("*.yaml")):
+            if target in _checkpoints_written_by(candidate):
+                return os.path.relpath(candidate)
+    return None
+
+
+def _checkpoints_written_by(config: Path) -> list[Path]:
+    """The files the ``ModelCheckpoint`` callbacks of a YAML config write (those with a fixed dirpath and filename)."""
+    try:
+        text = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    trainer = text.get("trainer") if isinstance(text, dict) else None
+    callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
+    written = []
+    for callback in callbacks if isinstance(callbacks, list) else []:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+            args = callback.get("init_args") or {}
+            if args.get("dirpath") is not None and args.get("filename") is not None:
+                written.append(Path(os.path.abspath(os.path.join(args["dirpath"], f"{args['filename']}.ckpt"))))
+    return written
