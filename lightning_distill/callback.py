@@ -64,6 +64,8 @@ class DistillationCallback(L.Callback):
             ``val/teacher_acc``, ``val/agreement`` and ``val/kd_loss`` (``test/...`` likewise).
         check_finite: Check the teacher's logits for NaN/inf on every training batch (one device synchronisation per
             step) and raise naming the step. The first batch is always checked.
+        check_accuracy: Warn when the teacher's top-1 accuracy on the first training batch is not clearly above
+            chance (an untrained or unloaded teacher). ``False`` for a teacher that is weak on purpose or a smoke run.
         allow_untested: Run under a strategy other than single device, the DDP family, FSDP, ``ModelParallelStrategy``
             and DeepSpeed, whose teacher handling is untested (the teacher is then replicated per process).
         teacher_precision: Give the teacher its own precision (``"32"``, ``"64"``, ``"16"``, ``"bf16"``), e.g. a
@@ -106,6 +108,7 @@ class DistillationCallback(L.Callback):
         logits_layer: str | None = None,
         run_on_validation: bool = True,
         check_finite: bool = True,
+        check_accuracy: bool = True,
         allow_untested: bool = False,
         teacher_precision: TeacherPrecision | None = None,
         teacher_device: str | torch.device | None = None,
@@ -116,6 +119,7 @@ class DistillationCallback(L.Callback):
         for name, flag in (
             ("run_on_validation", run_on_validation),
             ("check_finite", check_finite),
+            ("check_accuracy", check_accuracy),
             ("allow_untested", allow_untested),
         ):
             if not isinstance(flag, bool):
@@ -151,6 +155,7 @@ class DistillationCallback(L.Callback):
         self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
         self.run_on_validation = run_on_validation
         self.check_finite = check_finite
+        self.check_accuracy = check_accuracy
         self.allow_untested = allow_untested
         self.fingerprint = teacher_fingerprint(self.teacher)
         self._loaded_fingerprint: str | None = None
@@ -253,7 +258,7 @@ class DistillationCallback(L.Callback):
             _check_finite(outputs.logits, trainer, batch_idx)
         if not self._first_batch_checked:
             self._first_batch_checked = True
-            if target is not None:  # scored after the step: the module's shape checks speak first
+            if target is not None and self.check_accuracy:  # scored after the step: the module's shape checks first
                 self._first_batch = (outputs.logits, target)
         module.set_teacher_outputs(outputs)
 

@@ -181,7 +181,13 @@ def test_chance_level_teacher_warns_and_trained_teacher_does_not(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer(tmp_path, callbacks=[DistillationCallback(trained_teacher())]).fit(student_module(), loader)
+        # a teacher weak on purpose: the check can be turned off
+        make_trainer(tmp_path, callbacks=[DistillationCallback(untrained, check_accuracy=False)]).fit(
+            student_module(), loader
+        )
     assert not [w for w in caught if "looks untrained" in str(w.message)]
+    with pytest.raises(TypeError, match=r"`check_accuracy` must be True or False, got 'no'"):
+        DistillationCallback(untrained, check_accuracy="no")  # type: ignore[arg-type]
 
 
 def test_bf16_mixed_precision_runs_teacher_in_the_precision_context(tmp_path):

@@ -10,7 +10,9 @@ The convention (README's "Development" section says it too):
 - Every ``Trainer(...)`` must say when it stops (``max_epochs`` or ``max_steps``; Lightning's default is 1000
   epochs); the quick switch then trains it for one epoch of two batches on CPU.
 - A block that cannot run (an excerpt, a class body with ``...``, placeholders for user data) has the line
-  ``<!-- snippet: illustrative -->`` right before its fence: it is only compiled.
+  ``<!-- snippet: illustrative -->`` right before its fence: it is only compiled. So is a block that shows an
+  ``examples/*.py`` file verbatim: that file is run by its own tests (``tests/test_distiller.py``, which also checks
+  the copy, and ``tests/test_distributed.py``).
 """
 
 from __future__ import annotations
@@ -64,8 +66,15 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
+def _example_bodies() -> set[str]:
+    """Every ``examples/*.py`` after its module docstring, as README shows it."""
+    return {path.read_text().split('"""', 2)[2].strip() for path in (REPO_ROOT / "examples").glob("*.py")}
+
+
 BLOCKS = readme_blocks(README.read_text())
-SECTIONS = list(dict.fromkeys(block.section for block in BLOCKS if not block.illustrative))
+EXAMPLES = _example_bodies()
+RUN = [block for block in BLOCKS if not block.illustrative and block.code.strip() not in EXAMPLES]
+SECTIONS = list(dict.fromkeys(block.section for block in RUN))
 
 
 class _Backbone(nn.Module):
@@ -187,7 +196,7 @@ def test_section_runs_as_written(section: str, tmp_path: Path, monkeypatch: pyte
     stand_ins = {name: make() for name, make in _stand_ins().items()}
     torch.save(stand_ins["teacher"].state_dict(), tmp_path / "teacher.ckpt")
     namespace: dict[str, Any] = {"__name__": "__main__", **stand_ins}
-    for block in (b for b in BLOCKS if b.section == section and not b.illustrative):
+    for block in (b for b in RUN if b.section == section):
         try:
             exec(compile(block.code, f"README.md:{block.line}", "exec"), namespace)
         except ModuleNotFoundError as error:
