@@ -33,9 +33,9 @@ from common import bar_panel, benchmark_trainer, machine_description, mean_std, 
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, TeacherCache
-from lightning_distill.data import IndexedDataset
-from lightning_distill.data.mnist1d import _generate
-from lightning_distill.models import MLPStudent, MNIST1DTeacher
+from lightning_distill.demos import MLPStudent, MNIST1DTeacher
+from lightning_distill.demos.mnist1d import _generate
+from lightning_distill.teacher import IndexedDataset
 
 VARIANTS = ("student alone", "uncached KD", "cached KD (full logits)", "cached KD (top-3)")
 BATCH = 100

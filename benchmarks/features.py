@@ -78,9 +78,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, FeatureMap
-from lightning_distill.data import MNIST1DDataModule
+from lightning_distill.demos import MNIST1DDataModule, MNIST1DTeacher
 from lightning_distill.losses.functional import FeatureLossName
-from lightning_distill.models import MNIST1DTeacher
 
 Variant = Literal["alone", "kd", "kd+fitnets", "kd+at"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)

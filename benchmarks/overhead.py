@@ -77,8 +77,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule
-from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.models import MLPStudent, MNIST1DTeacher
+from lightning_distill.demos import MLPStudent, MNIST1DDataModule, MNIST1DTeacher
 
 Variant = Literal["plain", "lightning", "plugin"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)

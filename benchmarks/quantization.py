@@ -33,7 +33,7 @@ from common import bar_panel, benchmark_trainer, machine_description, mean_std, 
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, DistillModule
-from lightning_distill.models import MNIST1DTeacher
+from lightning_distill.demos import MNIST1DTeacher
 from lightning_distill.quantization import FreezeQuantization, export_quantized, model_bytes, quantization_aware
 
 

@@ -68,9 +68,8 @@ from common import benchmark_trainer, machine_description, mean_std, pyplot, sav
 from torch import Tensor, nn
 
 from lightning_distill import SelfDistillModule
-from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.early_exit import EarlyExitReport
-from lightning_distill.models import MNIST1DDeepCNN
+from lightning_distill.demos import MNIST1DDataModule, MNIST1DDeepCNN
+from lightning_distill.self_distill import EarlyExitReport
 
 EXITS = ("stages.0", "stages.1", "stages.2")
 NUM_EXITS = len(EXITS) + 1

@@ -48,9 +48,8 @@ from common import (
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, DistillModule
-from lightning_distill.data.markov import MarkovDataset, MarkovLanguage
+from lightning_distill.demos import MarkovDataset, MarkovLanguage, TinyCausalLM
 from lightning_distill.losses.functional import kd_loss
-from lightning_distill.sequence_models import TinyCausalLM
 
 CHUNK = 256
 

@@ -5,13 +5,13 @@ Add :class:`DistillationCallback` (it owns the frozen teacher) to the Trainer an
 the same engine.
 """
 
-from lightning_distill.cache import TeacherCache
 from lightning_distill.callback import DistillationCallback
 from lightning_distill.distiller import Distiller
-from lightning_distill.feature_map import FeatureMap
+from lightning_distill.features._map import FeatureMap
 from lightning_distill.module import DistillModule
-from lightning_distill.self_distill import SelfDistillModule
-from lightning_distill.teacher import TeacherOutputs
+from lightning_distill.self_distill._module import SelfDistillModule
+from lightning_distill.teacher._cache import TeacherCache
+from lightning_distill.teacher._runner import TeacherOutputs
 
 __version__ = "0.1.0"
 

@@ -14,24 +14,24 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_distill.cache import TeacherCache, cache_settings
-from lightning_distill.ensemble import TeacherMixture
+from lightning_distill._batches import example_inputs
 from lightning_distill.module import DistillModule
-from lightning_distill.outputs import example_inputs
-from lightning_distill.strategies import (
+from lightning_distill.teacher._cache import TeacherCache, cache_settings
+from lightning_distill.teacher._mixture import TeacherMixture
+from lightning_distill.teacher._runner import (
+    TeacherOutputs,
+    TeacherPrecision,
+    TeacherRunner,
+    load_teacher_checkpoint,
+    teacher_fingerprint,
+)
+from lightning_distill.teacher._sharding import (
     TeacherSharding,
     check_sharding_option,
     module_bytes,
     resolve_sharding,
     shard_teacher,
     strategy_kind,
-)
-from lightning_distill.teacher import (
-    TeacherOutputs,
-    TeacherPrecision,
-    TeacherRunner,
-    load_teacher_checkpoint,
-    teacher_fingerprint,
 )
 
 
@@ -53,7 +53,7 @@ class DistillationCallback(L.Callback):
         teacher: The teacher model; frozen and kept in eval mode. Its output must be logits (a tensor, ``.logits`` or
             ``["logits"]``) unless ``logits_layer`` is given.
         teachers: Instead of ``teacher``, several teachers by name: the KD target is the weighted mixture of their
-            distributions at the module's temperature (:class:`~lightning_distill.ensemble.TeacherMixture`); feature
+            distributions at the module's temperature (:class:`~lightning_distill.teacher.TeacherMixture`); feature
             maps name their layers ``"<name>.<layer>"``.
         weights: With ``teachers``: name -> weight (normalized to sum to 1); default equal.
         teacher_checkpoint: Optional Lightning ``.ckpt`` or plain ``state_dict`` file loaded strictly into

@@ -1,7 +1,7 @@
 """The ``lightning-distill`` console script.
 
-``lightning-distill demo [...]`` runs :mod:`lightning_distill.demo`; ``lightning-distill fit|validate|test|predict
---config CONFIG.yaml`` runs :class:`~lightning_distill.lightning_cli.DistillCLI` (Lightning's ``LightningCLI``) with any
+``lightning-distill demo [...]`` runs :mod:`lightning_distill.demos.run`; ``lightning-distill fit|validate|test|predict
+--config CONFIG.yaml`` runs ``DistillCLI`` (Lightning's ``LightningCLI``) with any
 :class:`~lightning_distill.DistillModule` (subclass or wrapped network) and any ``LightningDataModule``, the teacher
 given as a ``DistillationCallback`` in ``trainer.callbacks`` (see ``configs/``). ``fit`` ends by printing the final
 validation metrics and the checkpoint's path; a teacher checkpoint that does not exist yet stops the command before
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import lightning as L
 
-from lightning_distill.loggers import quiet_lightning
+from lightning_distill._quiet import quiet_lightning
 from lightning_distill.module import DistillModule
 
 USAGE = """usage: lightning-distill {demo,fit,validate,test,predict} ...
@@ -33,11 +33,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(USAGE)
         return
     if args[0] == "demo":
-        from lightning_distill.demo import main as demo_main
+        from lightning_distill.demos.run import main as demo_main
 
         demo_main(args[1:])
         return
-    from lightning_distill.lightning_cli import DistillCLI  # imports jsonargparse: only for these commands
+    from lightning_distill._lightning_cli import DistillCLI  # imports jsonargparse: only for these commands
 
     with quiet_lightning(banners=True):  # Lightning's own deprecation noise only; its banners stay
         DistillCLI(

@@ -17,12 +17,12 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_distill.feature_map import FeatureMap
+from lightning_distill._batches import extract_logits
+from lightning_distill.features._map import FeatureMap
 from lightning_distill.losses.functional import Divergence
 from lightning_distill.module import DistillModule
-from lightning_distill.outputs import extract_logits
 from lightning_distill.schedules import Schedule
-from lightning_distill.teacher import TeacherOutputs, TeacherPrecision, TeacherRunner, load_teacher_checkpoint
+from lightning_distill.teacher._runner import TeacherOutputs, TeacherPrecision, TeacherRunner, load_teacher_checkpoint
 
 
 class _LoopEngine(DistillModule):
@@ -280,7 +280,7 @@ class Distiller(nn.Module):
             student_output: The student's output: logits, or an object with ``.logits`` / ``["logits"]``.
             target: Class indices, or ``None`` for pure distillation (``alpha`` must be 1).
             mask: Optional bool tensor of the positions that count; by default the mask of the logits' own positions
-                (:mod:`lightning_distill.positions`: none for ``(B, C)`` logits, ``attention_mask`` for per-token
+                (:mod:`lightning_distill._positions`: none for ``(B, C)`` logits, ``attention_mask`` for per-token
                 logits, the decoder mask for an encoder-decoder's).
 
         Raises:

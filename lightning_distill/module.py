@@ -12,10 +12,33 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_distill.capture import FeatureCapture
-from lightning_distill.evaluation import evaluate_student
-from lightning_distill.feature_map import FeatureMap, coerce_feature_maps
-from lightning_distill.layers import find_layer
+from lightning_distill._batches import call_with_inputs, example_inputs, extract_logits, next_token_view, split_batch
+from lightning_distill._evaluation import evaluate_student
+from lightning_distill._layers import find_layer
+from lightning_distill._positions import (
+    Side,
+    TokenMasks,
+    feature_mask,
+    layer_side,
+    logits_mask,
+    route_inputs,
+    token_masks,
+)
+from lightning_distill._training import (
+    FactoryModule,
+    LRSchedulerFactory,
+    OptimizerFactory,
+    check_optimized,
+)
+from lightning_distill.features._capture import FeatureCapture
+from lightning_distill.features._map import FeatureMap, coerce_feature_maps
+from lightning_distill.features._projectors import (
+    build_projector,
+    match_spatial,
+    projector_from_dims,
+    projector_from_state,
+    resolve_projector,
+)
 from lightning_distill.losses.functional import (
     Divergence,
     check_alpha,
@@ -30,32 +53,9 @@ from lightning_distill.losses.functional import (
 )
 from lightning_distill.losses.functional._common import _check_ignore_index
 from lightning_distill.losses.functional.topk import topk_distillation_terms
-from lightning_distill.outputs import call_with_inputs, example_inputs, extract_logits, next_token_view, split_batch
-from lightning_distill.positions import (
-    Side,
-    TokenMasks,
-    feature_mask,
-    layer_side,
-    logits_mask,
-    route_inputs,
-    token_masks,
-)
-from lightning_distill.projectors import (
-    build_projector,
-    match_spatial,
-    projector_from_dims,
-    projector_from_state,
-    resolve_projector,
-)
 from lightning_distill.schedules import Schedule, checked_schedule
-from lightning_distill.strategies import strategy_kind, unsharded_projectors
-from lightning_distill.teacher import TeacherOutputs
-from lightning_distill.training import (
-    FactoryModule,
-    LRSchedulerFactory,
-    OptimizerFactory,
-    check_optimized,
-)
+from lightning_distill.teacher._runner import TeacherOutputs
+from lightning_distill.teacher._sharding import strategy_kind, unsharded_projectors
 
 
 class DistillModule(FactoryModule):
@@ -76,7 +76,7 @@ class DistillModule(FactoryModule):
     ``DistillModule(student=net, ...)`` (a Hugging Face model, a torchvision-style CNN, a ``torch.compile``-d
     network). ``forward`` must return logits (a tensor, ``.logits`` or ``["logits"]``) with classes in the last
     dimension. What the student and the teacher receive from a dict batch, and which positions of the logits count,
-    follow one policy (:mod:`lightning_distill.positions`): labels never reach a model; an encoder-decoder's decoder
+    follow one policy (:mod:`lightning_distill._positions`): labels never reach a model; an encoder-decoder's decoder
     inputs are built from them; a ``(B, C)`` classifier gets no position mask, per-token logits get the mask of
     their own positions.
 
@@ -265,9 +265,9 @@ class DistillModule(FactoryModule):
 
     # -------------------------------------------------------------------------------------------- batches, masks
     def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
-        """Split a batch into ``(inputs, target)`` and route the inputs (see :mod:`lightning_distill.positions`).
+        """Split a batch into ``(inputs, target)`` and route the inputs (see :mod:`lightning_distill._positions`).
 
-        The split is :func:`~lightning_distill.outputs.split_batch`'s (``(x, y)``, or a dict whose ``labels`` /
+        The split is :func:`~lightning_distill._batches.split_batch`'s (``(x, y)``, or a dict whose ``labels`` /
         ``label`` / ``y`` / ``target`` entry is the target); the inputs are then what both models receive: for an
         encoder-decoder student without ``decoder_input_ids`` in the batch they are built from the labels. The
         callback calls this too, so the teacher receives the same inputs. Override it for other batch structures.
@@ -281,13 +281,13 @@ class DistillModule(FactoryModule):
         return route_inputs(inputs, target, self._feature_root()), target
 
     def token_masks(self, inputs: Any, target: Tensor | None) -> TokenMasks:
-        """The per-token masks of a batch, by the positions they describe (see :mod:`lightning_distill.positions`)."""
+        """The per-token masks of a batch, by the positions they describe (see :mod:`lightning_distill._positions`)."""
         return token_masks(inputs, target, self.ignore_index, self._feature_root())
 
     def position_mask(self, masks: TokenMasks, logits: Tensor) -> Tensor | None:
         """The bool mask of the positions of ``logits`` that count, or ``None`` for all of them.
 
-        Default: :func:`~lightning_distill.positions.logits_mask` (``(B, C)`` logits get none; per-token logits the
+        Default: :func:`~lightning_distill._positions.logits_mask` (``(B, C)`` logits get none; per-token logits the
         mask of their own positions). Override it for models whose logits' positions follow another rule.
         """
         return logits_mask(masks, logits)

@@ -28,9 +28,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from lightning_distill import DistillationCallback, DistillModule
-from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import logged_trainer, read_metric, where_logs_are
-from lightning_distill.models import MLPStudent, MNIST1DTeacher
+from lightning_distill.demos import MLPStudent, MNIST1DDataModule, MNIST1DTeacher
+from lightning_distill.demos.loggers import logged_trainer, read_metric, where_logs_are
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
 OUTPUT = Path("notebook_output") / "01_quickstart"

@@ -27,10 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_distill import DistillationCallback, DistillModule, FeatureMap
-from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import logged_trainer, read_metric, where_logs_are
-from lightning_distill.models import MNIST1DTeacher
-from lightning_distill.projectors import ChannelProjector
+from lightning_distill.demos import MNIST1DDataModule, MNIST1DTeacher
+from lightning_distill.demos.loggers import logged_trainer, read_metric, where_logs_are
+from lightning_distill.features import ChannelProjector
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
 OUTPUT = Path("notebook_output") / "02_feature_distillation"

@@ -29,10 +29,9 @@ import torch
 from torch import Tensor
 
 from lightning_distill import SelfDistillModule
-from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.heads import ExitHead
-from lightning_distill.loggers import default_loggers, read_metric, where_logs_are
-from lightning_distill.models import MNIST1DDeepCNN
+from lightning_distill.demos import MNIST1DDataModule, MNIST1DDeepCNN
+from lightning_distill.demos.loggers import default_loggers, read_metric, where_logs_are
+from lightning_distill.self_distill import ExitHead
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
 OUTPUT = Path("notebook_output") / "03_self_distillation"

@@ -27,9 +27,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_distill import Distiller, FeatureMap
-from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import default_loggers, read_metric, where_logs_are
-from lightning_distill.models import MLPStudent, MNIST1DTeacher
+from lightning_distill.demos import MLPStudent, MNIST1DDataModule, MNIST1DTeacher
+from lightning_distill.demos.loggers import default_loggers, read_metric, where_logs_are
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
 OUTPUT = Path("notebook_output") / "05_your_own_loop"

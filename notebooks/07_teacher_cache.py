@@ -33,9 +33,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_distill import DistillationCallback, DistillModule, TeacherCache
-from lightning_distill.data import IndexedDataset, MNIST1DDataModule
-from lightning_distill.loggers import logged_trainer, where_logs_are
-from lightning_distill.models import MLPStudent, MNIST1DTeacher
+from lightning_distill.demos import MLPStudent, MNIST1DDataModule, MNIST1DTeacher
+from lightning_distill.demos.loggers import logged_trainer, where_logs_are
+from lightning_distill.teacher import IndexedDataset
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
 OUTPUT = Path("notebook_output") / "07_teacher_cache"

@@ -32,10 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, DistillModule, TeacherOutputs
-from lightning_distill.data.markov import MarkovDataset, MarkovLanguage
-from lightning_distill.ensemble import TeacherMixture
-from lightning_distill.loggers import logged_trainer, read_metric, where_logs_are
-from lightning_distill.sequence_models import TinyCausalLM
+from lightning_distill.demos import MarkovDataset, MarkovLanguage, TinyCausalLM
+from lightning_distill.demos.loggers import logged_trainer, read_metric, where_logs_are
+from lightning_distill.teacher import TeacherMixture
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
 OUTPUT = Path("notebook_output") / "08_sequence_kd"

@@ -29,9 +29,8 @@ import torch
 from torch import nn
 
 from lightning_distill import DistillationCallback, DistillModule
-from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import logged_trainer, where_logs_are
-from lightning_distill.models import MNIST1DTeacher
+from lightning_distill.demos import MNIST1DDataModule, MNIST1DTeacher
+from lightning_distill.demos.loggers import logged_trainer, where_logs_are
 from lightning_distill.quantization import (
     FreezeQuantization,
     export_quantized,

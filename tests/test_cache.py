@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, FeatureMap, TeacherCache
-from lightning_distill.data import Indexed, IndexedDataset
 from lightning_distill.losses.functional import kd_loss
 from lightning_distill.losses.functional.topk import topk_kd_loss, topk_log_probs
 from lightning_distill.schedules import LinearWarmup
+from lightning_distill.teacher import Indexed, IndexedDataset
 from tests.helpers.processes import REPO_ROOT
 from tests.helpers.tiny import TinyTeacher, make_data, make_trainer, random_logits, tiny_student, trained_teacher
 

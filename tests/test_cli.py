@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_distill.cli import main
-from lightning_distill.loggers import tensorboard_available
+from lightning_distill.demos.loggers import tensorboard_available
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = [

@@ -37,7 +37,7 @@ from lightning_distill import (
     SelfDistillModule,
     TeacherCache,
 )
-from lightning_distill.data import IndexedDataset
+from lightning_distill.teacher import IndexedDataset
 from tests.helpers import hf
 
 ALPHA = 0.7

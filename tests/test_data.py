@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.data import mnist1d as mnist1d_module
+import lightning_distill.demos.mnist1d as mnist1d_module
+from lightning_distill.demos import MNIST1DDataModule
 from tests.helpers.tiny import make_trainer
 
 mnist1d_data = pytest.importorskip("mnist1d.data")

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, FeatureMap, TeacherOutputs
-from lightning_distill.models import MNIST1DTeacher
-from lightning_distill.projectors import ChannelProjector
+from lightning_distill.demos import MNIST1DTeacher
+from lightning_distill.features import ChannelProjector
 from lightning_distill.schedules import LinearWarmup
 from tests.helpers.dkd_reference import dkd_reference_terms
 from tests.helpers.reference import ref_distillation_loss

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lightning_distill import FeatureMap
-from lightning_distill.capture import FeatureCapture, select_output
-from lightning_distill.projectors import (
+from lightning_distill.features._capture import FeatureCapture, select_output
+from lightning_distill.features._projectors import (
     ChannelProjector,
     build_projector,
     match_spatial,

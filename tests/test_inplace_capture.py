@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import SelfDistillModule
-from lightning_distill.capture import FeatureCapture, ModifiedInPlaceError
+from lightning_distill.features import FeatureCapture, ModifiedInPlaceError
 from lightning_distill.teacher import TeacherRunner
 from tests.helpers.resnet import ResNet, image_batch
 from tests.helpers.tiny import make_trainer

@@ -1,4 +1,4 @@
-"""``lightning_distill.loggers``: CSV always, TensorBoard when installed, and reading the CSV log back."""
+"""``lightning_distill.demos.loggers``: CSV always, TensorBoard when installed, and reading the CSV log back."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_distill import loggers as loggers_module
-from lightning_distill.loggers import (
+from lightning_distill.demos import loggers as loggers_module
+from lightning_distill.demos.loggers import (
     default_loggers,
     logged_trainer,
     read_metric,
@@ -113,7 +113,7 @@ def test_quiet_lightning_hides_banners_and_known_warnings_and_restores_them(capl
     import logging
     import warnings
 
-    from lightning_distill.loggers import quiet_lightning
+    from lightning_distill._quiet import quiet_lightning
 
     caplog.set_level(logging.INFO)
     lightning_logger = logging.getLogger("lightning.pytorch")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_distill.models import MLPStudent, MNIST1DTeacher
+from lightning_distill.demos import MLPStudent, MNIST1DTeacher
 
 
 def _num_params(model: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""Masks by meaning and input routing (lightning_distill.positions), checked against hand-written expectations."""
+"""Masks by meaning and input routing (lightning_distill._positions), checked against hand-written expectations."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, Distiller, DistillModule, FeatureMap, TeacherOutputs
-from lightning_distill.losses.functional import feature_loss
-from lightning_distill.positions import (
+from lightning_distill._positions import (
     TokenMasks,
     feature_mask,
     is_encoder_decoder,
@@ -22,6 +21,7 @@ from lightning_distill.positions import (
     route_inputs,
     token_masks,
 )
+from lightning_distill.losses.functional import feature_loss
 from tests.helpers import hf
 from tests.helpers.tiny import make_trainer
 

@@ -11,8 +11,7 @@ from torch.ao.nn.quantized import FloatFunctional
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule
-from lightning_distill import quantization as quantization_module
-from lightning_distill.models import MNIST1DTeacher
+from lightning_distill.demos import MNIST1DTeacher
 from lightning_distill.quantization import (
     FloatIsland,
     FreezeQuantization,
@@ -25,6 +24,7 @@ from lightning_distill.quantization import (
     observers_enabled,
     quantization_aware,
 )
+from lightning_distill.quantization import _qat as quantization_module
 from tests.helpers.resnet import BasicBlock, ResNet, image_batch
 from tests.helpers.tiny import make_trainer
 

@@ -126,8 +126,7 @@ def _mnist1d_like(n: int) -> TensorDataset:
 
 
 def _stand_ins() -> dict[str, Callable[[], Any]]:
-    from lightning_distill.data import MNIST1DDataModule
-    from lightning_distill.models import MLPStudent, MNIST1DTeacher
+    from lightning_distill.demos import MLPStudent, MNIST1DDataModule, MNIST1DTeacher
 
     return {
         "teacher": MNIST1DTeacher,  # "your trained teacher"; an MNIST-1D CNN

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_distill import SelfDistillModule
-from lightning_distill.early_exit import ExitModel
-from lightning_distill.models import MNIST1DDeepCNN
+from lightning_distill.demos import MNIST1DDeepCNN
+from lightning_distill.self_distill import ExitModel
 from tests.helpers.reference import ref_distillation_loss
 from tests.helpers.tiny import make_trainer
 
@@ -340,7 +340,7 @@ def test_bad_early_exit_arguments_are_explained(call, error, match):
 
 
 def test_exit_head_rejects_shapes_it_cannot_serve():
-    from lightning_distill.heads import ExitHead
+    from lightning_distill.self_distill import ExitHead
 
     with pytest.raises(ValueError, match=r"\(1-3 spatial dims\) or \(D,\) vectors: \(1, 2, 3, 4, 5\)"):
         ExitHead((1, 2, 3, 4, 5), width=8, num_classes=4)

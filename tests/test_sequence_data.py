@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_distill.data.markov import IGNORE_INDEX, PAD, MarkovDataset, MarkovLanguage
-from lightning_distill.sequence_models import TinyCausalLM
+from lightning_distill.demos import TinyCausalLM
+from lightning_distill.demos.markov import IGNORE_INDEX, PAD, MarkovDataset, MarkovLanguage
 
 # ---------------------------------------------------------------------------------------------------------------
 # MarkovLanguage

@@ -12,10 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_distill import DistillationCallback, Distiller, DistillModule, TeacherCache, TeacherOutputs
-from lightning_distill.data.markov import MarkovDataset, MarkovLanguage
-from lightning_distill.ensemble import TeacherMixture
+from lightning_distill.demos import MarkovDataset, MarkovLanguage, TinyCausalLM
 from lightning_distill.losses.functional import distillation_loss_terms, kd_loss
-from lightning_distill.sequence_models import TinyCausalLM
+from lightning_distill.teacher import TeacherMixture
 from tests.helpers.reference import ref_kd_loss
 from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, random_logits, tiny_student
 

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import (
 from torch import nn
 
 from lightning_distill import DistillationCallback, DistillModule
-from lightning_distill.strategies import AUTO_SHARD_BYTES, module_bytes, resolve_sharding, strategy_kind
+from lightning_distill.teacher._sharding import AUTO_SHARD_BYTES, module_bytes, resolve_sharding, strategy_kind
 from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, tiny_student
 
 

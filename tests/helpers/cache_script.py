@@ -15,7 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, TeacherCache
-from lightning_distill.data import IndexedDataset
+from lightning_distill.teacher import IndexedDataset
 from tests.helpers.tiny import make_data, make_trainer, tiny_student, trained_teacher
 
 

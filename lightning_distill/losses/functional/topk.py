@@ -31,7 +31,7 @@ from lightning_distill.losses.functional._common import _check_mask, _keep, chec
 from lightning_distill.losses.functional.logits import cross_entropy
 
 if TYPE_CHECKING:
-    from lightning_distill.teacher import TopKTeacher
+    from lightning_distill.teacher._runner import TopKTeacher
 
 
 def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:

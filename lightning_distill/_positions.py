@@ -3,7 +3,7 @@ r"""What a model receives from a dict batch, and which positions of its outputs 
 One policy, used by :class:`~lightning_distill.DistillModule` (training, validation, test, predict),
 :class:`~lightning_distill.DistillationCallback` (the teacher's inputs) and :class:`~lightning_distill.Distiller`:
 
-**Inputs.** The target (``labels``, see :func:`~lightning_distill.outputs.split_batch`) never reaches a model, so no
+**Inputs.** The target (``labels``, see :func:`~lightning_distill._batches.split_batch`) never reaches a model, so no
 model computes a loss of its own. An encoder-decoder model (a Hugging Face model whose ``config.is_encoder_decoder``
 is true: T5, BART, ...) needs decoder inputs: when the batch has no ``decoder_input_ids`` (nor
 ``decoder_inputs_embeds``), they are built from the labels by the model's own

@@ -18,11 +18,17 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_distill.capture import FeatureCapture, ModifiedInPlaceError, tensor_version
-from lightning_distill.early_exit import EarlyExitReport, ExitModel, run_early_exit, sweep_thresholds
-from lightning_distill.heads import ExitHead
-from lightning_distill.inc import inc_self_distill_arguments
-from lightning_distill.layers import find_layer
+from lightning_distill._batches import call_with_inputs, example_inputs, extract_logits
+from lightning_distill._layers import find_layer
+from lightning_distill._positions import is_encoder_decoder
+from lightning_distill._training import (
+    FactoryModule,
+    LRSchedulerFactory,
+    OptimizerFactory,
+    check_optimized,
+)
+from lightning_distill.features._capture import FeatureCapture, ModifiedInPlaceError, tensor_version
+from lightning_distill.interop._inc import inc_self_distill_arguments
 from lightning_distill.losses.functional import (
     check_alpha,
     check_temperature,
@@ -32,14 +38,8 @@ from lightning_distill.losses.functional import (
     mse_feature_loss,
 )
 from lightning_distill.losses.functional._common import _check_ignore_index
-from lightning_distill.outputs import call_with_inputs, example_inputs, extract_logits
-from lightning_distill.positions import is_encoder_decoder
-from lightning_distill.training import (
-    FactoryModule,
-    LRSchedulerFactory,
-    OptimizerFactory,
-    check_optimized,
-)
+from lightning_distill.self_distill._early_exit import EarlyExitReport, ExitModel, run_early_exit, sweep_thresholds
+from lightning_distill.self_distill._heads import ExitHead
 
 _CHECKPOINT_KEY = "self_distill"
 
@@ -58,8 +58,8 @@ class SelfDistillModule(FactoryModule):
     (``kd_weight`` / ``task_weight`` replace :math:`\alpha` / :math:`1 - \alpha` when given)
 
     with :math:`p^{(T)} = \mathrm{softmax}(z / T)` and the deepest logits and feature **detached** (the deepest exit
-    is the teacher; it learns from the labels only). Heads (:class:`~lightning_distill.heads.ExitHead`) attach to the
-    named layers by forward hooks, with no edit to the backbone; they are sized from one dry forward (on
+    is the teacher; it learns from the labels only). Heads (:class:`~lightning_distill.self_distill.ExitHead`)
+    attach to the named layers by forward hooks, with no edit to the backbone; they are sized from one dry forward (on
     ``example_input``, ``example_input_array`` or the datamodule's first batch) before the optimizer is built, so the
     optimizer, the checkpoint and resume all see them.
 
@@ -97,7 +97,7 @@ class SelfDistillModule(FactoryModule):
 
     Example::
 
-        >>> from lightning_distill.models import MNIST1DDeepCNN
+        >>> from lightning_distill.demos.models import MNIST1DDeepCNN
         >>> model = SelfDistillModule(MNIST1DDeepCNN(), exits=["stages.0", "stages.1"], num_classes=10,
         ...                           example_input=torch.randn(2, 40))
         >>> [type(head).__name__ for head in model.heads]
@@ -207,7 +207,7 @@ class SelfDistillModule(FactoryModule):
 
         Example::
 
-            >>> from lightning_distill.models import MNIST1DDeepCNN
+            >>> from lightning_distill.demos.models import MNIST1DDeepCNN
             >>> model = SelfDistillModule.from_inc_config(
             ...     MNIST1DDeepCNN(), 10,
             ...     layer_mappings=[[["stages.0", "pool"], ["stages.1", "pool"]],
@@ -486,7 +486,7 @@ class SelfDistillModule(FactoryModule):
         """Build the heads (before the optimizer) from ``example_input_array`` or the first training batch.
 
         The first batch comes from whatever training data ``fit`` gets: a ``DataLoader``, a datamodule or the module's
-        ``train_dataloader`` (see :func:`~lightning_distill.outputs.example_inputs`).
+        ``train_dataloader`` (see :func:`~lightning_distill._batches.example_inputs`).
         """
         if len(self.heads) == len(self.exits):
             return
@@ -553,7 +553,7 @@ class SelfDistillModule(FactoryModule):
         """Predict each sample at the first exit whose top softmax probability is at least ``threshold``.
 
         Samples that stop at an exit do **not** run the deeper layers: the batch shrinks at every exit to the samples
-        still going (see :func:`~lightning_distill.early_exit.run_early_exit`). ``threshold=0`` stops every sample at
+        still going (see :func:`~lightning_distill.self_distill.run_early_exit`). ``threshold=0`` stops every sample at
         the first exit; a threshold above 1 runs the full network for all.
 
         Returns:
@@ -569,7 +569,7 @@ class SelfDistillModule(FactoryModule):
         """A standalone model that runs the backbone up to exit ``index`` and returns that exit's logits.
 
         Layers the backbone would only run after that exit are removed from the copy (see
-        :class:`~lightning_distill.early_exit.ExitModel`); ``index == len(exits)`` returns a copy of the backbone.
+        :class:`~lightning_distill.self_distill.ExitModel`); ``index == len(exits)`` returns a copy of the backbone.
         """
         return ExitModel.from_module(self, index)
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_distill.outputs import call_with_inputs, extract_logits
+from lightning_distill._batches import call_with_inputs, extract_logits
 
 
 class TeacherMixture(nn.Module):

@@ -25,10 +25,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning_distill._quiet import quiet_lightning
 from lightning_distill.callback import DistillationCallback
-from lightning_distill.data import MNIST1DDataModule
-from lightning_distill.loggers import logged_trainer, quiet_lightning, read_metric, where_logs_are
-from lightning_distill.models import MLPStudent, MNIST1DTeacher
+from lightning_distill.demos.loggers import logged_trainer, read_metric, where_logs_are
+from lightning_distill.demos.mnist1d import MNIST1DDataModule
+from lightning_distill.demos.models import MLPStudent, MNIST1DTeacher
 from lightning_distill.module import DistillModule
 
 

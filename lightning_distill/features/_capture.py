@@ -25,7 +25,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_distill.layers import find_layer
+from lightning_distill._layers import find_layer
 
 Selector = int | str | None
 """Which part of a layer's output to keep: ``None`` (the output itself), a tuple/list index, or a mapping key."""

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_distill._batches import next_token_view
 from lightning_distill.losses.functional import cross_entropy, kd_loss
-from lightning_distill.outputs import next_token_view
 
 if TYPE_CHECKING:
     from lightning_distill.module import DistillModule

@@ -7,22 +7,15 @@ TensorBoard is added for browsing when the ``tensorboard`` package is importable
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
-import logging
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-
-# Raised by Lightning's own code whatever the caller does: its pytree helper (lightning 2.6) still tests
-# `isinstance(treespec, LeafSpec)`, which torch 2.13 deprecates; once per process.
-KNOWN_LIGHTNING_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",)
 
 
 def tensorboard_available() -> bool:
@@ -76,37 +69,6 @@ def _remove_previous_run(folder: Path, patterns: Sequence[str]) -> None:
         for path in folder.glob(pattern):
             if path.is_file():
                 path.unlink()
-
-
-@contextlib.contextmanager
-def quiet_lightning(*, banners: bool = False) -> Iterator[None]:
-    """Hide Lightning's start-up banners and its known one-off warnings inside the block; restore them after.
-
-    For scripts that run many small fits (the demo): the ``lightning.pytorch`` and ``lightning.fabric`` loggers show
-    warnings and errors only, so no "GPU available…", "TPU available…", litlogger tip or "`Trainer.fit` stopped"
-    lines, and the warnings in ``KNOWN_LIGHTNING_WARNINGS`` (raised by Lightning's own code whatever the caller does)
-    are ignored. Every other warning still shows.
-
-    Args:
-        banners: Keep Lightning's information lines; hide only the known warnings (the command line does this).
-
-    Example:
-        >>> with quiet_lightning():
-        ...     logging.getLogger("lightning.pytorch").isEnabledFor(logging.INFO)
-        False
-    """
-    names = () if banners else ("lightning.pytorch", "lightning.fabric")
-    levels = {name: logging.getLogger(name).level for name in names}
-    with warnings.catch_warnings():
-        for message in KNOWN_LIGHTNING_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        try:
-            for name in names:
-                logging.getLogger(name).setLevel(logging.WARNING)
-            yield
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
 
 
 def logged_trainer(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_distill.projectors import ChannelProjector
+from lightning_distill.features._projectors import ChannelProjector
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _POOLS: dict[int, Callable[..., Tensor]] = {

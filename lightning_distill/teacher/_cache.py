@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_distill.data.indexed import Indexed
+from lightning_distill._indexed import Indexed
 from lightning_distill.losses.functional.topk import topk_log_probs
-from lightning_distill.teacher import TeacherOutputs, TopKTeacher
+from lightning_distill.teacher._runner import TeacherOutputs, TopKTeacher
 
 _FORMAT = 1
 OnMismatch = Literal["refuse", "rebuild"]
@@ -42,8 +42,8 @@ class TeacherCache:
     ``DistillationCallback(teacher, cache=TeacherCache("runs/cache", top_k=8))``: in the first epoch every batch runs
     the teacher and its logits are written; in later epochs (and later runs with the same teacher and data) batches
     whose samples are all cached never run the teacher. The batches must carry sample identity: wrap the training
-    dataset in :class:`~lightning_distill.data.indexed.IndexedDataset` (or return
-    :class:`~lightning_distill.data.indexed.Indexed` items yourself).
+    dataset in :class:`~lightning_distill.teacher.IndexedDataset` (or return
+    :class:`~lightning_distill.teacher.Indexed` items yourself).
 
     Args:
         path: Directory of the cache (created if missing). Under DDP every process on the machine shares it: each
@@ -161,7 +161,7 @@ class TeacherCache:
         if not isinstance(batch, Indexed):
             raise TypeError(
                 f"TeacherCache needs each batch's sample indices, but the batch is a {type(batch).__name__}. HINT: "
-                "wrap the training dataset: `IndexedDataset(dataset)` (from lightning_distill.data)."
+                "wrap the training dataset: `IndexedDataset(dataset)` (from lightning_distill.demos)."
             )
         index, view = (np.asarray(torch.as_tensor(x).cpu()).reshape(-1).astype(np.int64) for x in batch[:2])
         assert self._meta is not None

@@ -2,7 +2,7 @@
 
 :class:`TinyCausalLM` maps token ids ``(B, L)`` to next-token logits ``(B, L, vocab_size)``: the logits at position
 ``t`` depend only on tokens ``0 .. t`` and predict token ``t + 1`` (score them against labels shifted by one). It
-pairs with :class:`lightning_distill.data.markov.MarkovDataset`, whose right-padded batches carry ``input_ids``,
+pairs with :class:`lightning_distill.demos.MarkovDataset`, whose right-padded batches carry ``input_ids``,
 ``attention_mask`` and unshifted ``labels``.
 """
 

@@ -18,8 +18,8 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection, move_data_to_device
 from torch import Tensor, nn
 
-from lightning_distill.capture import FeatureCapture, ModifiedInPlaceError, Selector
-from lightning_distill.outputs import call_with_inputs, extract_logits
+from lightning_distill._batches import call_with_inputs, extract_logits
+from lightning_distill.features._capture import FeatureCapture, ModifiedInPlaceError, Selector
 
 _SAMPLES_PER_TENSOR = 4096
 
@@ -288,7 +288,7 @@ class TeacherRunner:
             features: Return the requested features (validation and test runs only need the logits).
 
         Raises:
-            TypeError: If the output holds no logits (see :func:`~lightning_distill.outputs.extract_logits`).
+            TypeError: If the output holds no logits (see :func:`~lightning_distill._batches.extract_logits`).
         """
         self.attach_hooks()
         if self.teacher.training:

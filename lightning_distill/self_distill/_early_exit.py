@@ -21,12 +21,12 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_distill.layers import find_layer
-from lightning_distill.outputs import call_with_inputs, extract_logits
+from lightning_distill._batches import call_with_inputs, extract_logits
+from lightning_distill._layers import find_layer
 
 if TYPE_CHECKING:
-    from lightning_distill.heads import ExitHead
-    from lightning_distill.self_distill import SelfDistillModule
+    from lightning_distill.self_distill._heads import ExitHead
+    from lightning_distill.self_distill._module import SelfDistillModule
 
 
 class _AllExited(Exception):

@@ -8,7 +8,7 @@ Intermediate-layer distillation adds, for every map :math:`i`,
 
 to the training loss: :math:`F^{(n)}` is the output of the layer named :math:`n` (captured by a forward hook, no
 edit to either model), :math:`P_i` a learnable projector owned by the student's module (see
-:mod:`lightning_distill.projectors`) and :math:`D_i` a feature loss (see
+:mod:`lightning_distill.features._projectors`) and :math:`D_i` a feature loss (see
 :mod:`lightning_distill.losses.functional.features`). FitNets (Romero et al. 2015) is one ``"mse"`` map with a
 projector; attention transfer (Zagoruyko & Komodakis 2017) is ``loss="attention"`` maps.
 """
@@ -21,9 +21,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_distill.capture import Selector, check_selector, feature_key
+from lightning_distill.features._capture import Selector, check_selector, feature_key
+from lightning_distill.features._projectors import ProjectorName, check_projector
 from lightning_distill.losses.functional import FeatureLossName, check_feature_loss
-from lightning_distill.projectors import ProjectorName, check_projector
 from lightning_distill.schedules import Schedule, as_schedule, check_schedule
 
 _INC_LOSS_NAMES = {"MSE": "mse", "KL": "kl", "L1": "l1"}
@@ -38,7 +38,7 @@ class FeatureMap:
             are plain numbers, ``"blocks.1"``). For ``DistillModule(student=net)`` names are relative to ``net``.
         teacher: Dotted name of the teacher layer.
         projector: ``"auto"`` (default), ``"identity"``, ``"linear"`` or ``"conv1x1"``; see
-            :mod:`lightning_distill.projectors`.
+            :mod:`lightning_distill.features._projectors`.
         loss: ``"mse"`` (default), ``"l1"``, ``"cosine"``, ``"kl"`` or ``"attention"``.
         weight: Weight :math:`w_i \ge 0` of this term, a number or a
             :class:`~lightning_distill.schedules.Schedule`.
@@ -52,7 +52,7 @@ class FeatureMap:
             dry forward of each model on the module's ``example_input_array``.
         teacher_dim: Width of the teacher feature.
         masked: For token features ``(B, L, D)``: count only the batch's real tokens (``attention_mask``, or for an
-            encoder-decoder's decoder layers the decoder mask; see :mod:`lightning_distill.positions`). ``False``
+            encoder-decoder's decoder layers the decoder mask; see :mod:`lightning_distill._positions`). ``False``
             averages over every position, e.g. for a channel-first ``(N, C, L)`` map in a batch that has a mask.
 
     Raises:

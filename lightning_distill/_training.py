@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_distill.outputs import split_batch
+from lightning_distill._batches import split_batch
 from lightning_distill.schedules import Schedule
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -138,7 +138,7 @@ class FactoryModule(L.LightningModule):
         self.eval_metrics = nn.ModuleDict()
 
     def split_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
-        """Split a batch into ``(inputs, target)``; see :func:`~lightning_distill.outputs.split_batch`.
+        """Split a batch into ``(inputs, target)``; see :func:`~lightning_distill._batches.split_batch`.
 
         Override it for any batch structure the default does not handle.
 

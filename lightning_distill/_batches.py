@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightning_distill.data.indexed import Indexed
+from lightning_distill._indexed import Indexed
 
 TARGET_KEYS = ("labels", "label", "y", "target")
 
@@ -71,7 +71,7 @@ def extract_logits(output: Any, *, role: str) -> Tensor:
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
     """Split a batch into ``(inputs, target)``; ``target`` is ``None`` for unlabeled batches.
 
-    Handled: ``(x, y)`` tuples or lists, ``(x,)``, a bare tensor, an :class:`~lightning_distill.data.Indexed` batch
+    Handled: ``(x, y)`` tuples or lists, ``(x,)``, a bare tensor, an :class:`~lightning_distill.teacher.Indexed` batch
     (its ``sample`` is split), and mappings whose target is under one of
     ``"labels"``, ``"label"``, ``"y"``, ``"target"`` (the other entries are the inputs, passed to ``forward`` as
     keyword arguments). `DistillModule.split_batch` calls it; override that for any other structure.
