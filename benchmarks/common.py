@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import textwrap
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 
 if TYPE_CHECKING:  # matplotlib is imported only by the scripts' plot functions, when --plot is given
     from matplotlib.axes import Axes
@@ -112,6 +115,22 @@ def save_figure(fig: Any, path: Path, dpi: int = 120) -> str:
     return f"Plot: `{path}` ({path.stat().st_size / 1e3:.0f} KB)."
 
 
+@dataclass(frozen=True)
+class Memory:
+    """Resident set size of a ``--memory-only`` subprocess, in MB: just before the fit and its peak during the fit."""
+
+    before_fit_mb: float
+    peak_mb: float
+
+
+def memory_subprocess(args: Sequence[str]) -> Memory:
+    """Run ``python *args`` (a script's ``--memory-only`` mode, whose last stdout line is a ``Memory`` as JSON)."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[1:3])} exited with {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return Memory(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS to its current RSS (Linux >= 4.0); ``False`` when that is not possible."""
     try:
@@ -147,6 +166,7 @@ def quiet() -> None:
         "LeafSpec",
         r"module\(s\) in eval mode",
         "`validation_step` but have no `val_dataloader`",
+        "smaller than the logging interval",  # short smoke runs
     ):
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
 
@@ -157,14 +177,17 @@ def benchmark_trainer(
     limit_train_batches: int | float = 1.0,
     strategy: Any = "auto",
     devices: int = 1,
+    logger: Logger | bool = False,
+    log_every_n_steps: int = 50,
 ) -> L.Trainer:
-    """A CPU Trainer with nothing but training: no logger, checkpoints, progress bar, summary or validation."""
+    """A CPU Trainer with nothing but training: no checkpoints, progress bar, summary or validation (no logger)."""
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
         strategy=strategy,
         devices=devices,
-        logger=False,
+        logger=logger,
+        log_every_n_steps=log_every_n_steps,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -207,3 +230,95 @@ def start_run(script: str, argv: Sequence[str] | None, threads: int) -> Run:
         log=functools.partial(print, file=sys.stderr, flush=True),
         started=time.perf_counter(),
     )
+
+
+# ------------------------------------------------------------------------------------------- Lightning step timing
+@dataclass
+class RunTimes:
+    """Per-step and per-epoch times (seconds) of one fit."""
+
+    steps: list[list[float]] = field(default_factory=list)  # one list per epoch
+    epochs: list[float] = field(default_factory=list)
+
+    def kept(self) -> tuple[list[float], list[float]]:
+        """Step and epoch times without the warm-up epoch (kept when the fit has a single epoch)."""
+        skip = 1 if len(self.epochs) > 1 else 0
+        return [s for epoch in self.steps[skip:] for s in epoch], self.epochs[skip:]
+
+
+class StepClock:
+    """Times every step and epoch of a Lightning fit through two callbacks placed around the others.
+
+    ``around(callbacks)`` returns ``[start, *callbacks, stop]``: Lightning calls callback hooks in list order, so the
+    window of a step runs from ``on_train_batch_start`` before every other callback's (the plugin's teacher forward)
+    to ``on_train_batch_end`` after every other callback's (the plugin's clean-up); ``checked`` verifies that order
+    and the thread count after the fit. Both callbacks declare ``reads_train_metrics = False``: they read no logged
+    metrics, so the plugin may skip ``self.log`` on steps nobody reads, as it does without them.
+    """
+
+    def __init__(self, timer: Callable[[], float]) -> None:
+        self.timer = timer
+        self.times = RunTimes()
+        self.step_start = 0.0
+        self.epoch_start = 0.0
+        self.threads_seen: set[int] = set()
+
+    def around(self, callbacks: Sequence[L.Callback]) -> list[L.Callback]:
+        """The callbacks to give the Trainer: the start timer, ``callbacks``, the stop timer."""
+        return [_StartTimer(self), *callbacks, _StopTimer(self)]
+
+    def checked(self, trainer: L.Trainer, timed: Sequence[L.Callback], threads: int) -> RunTimes:
+        """The times of the fit, after checking the callbacks kept their order and torch its thread count."""
+        present: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at runtime
+        order = [present.index(cb) for cb in timed]
+        if order != sorted(order):
+            raise RuntimeError(f"Lightning reordered the callbacks: {present}; the timing window is wrong.")
+        if self.threads_seen != {threads}:
+            raise RuntimeError(f"torch ran with {self.threads_seen} threads during the fit, expected {threads}.")
+        return self.times
+
+
+def _teacher_outputs(pl_module: L.LightningModule) -> object:
+    return getattr(pl_module, "teacher_outputs", None)
+
+
+class _StartTimer(L.Callback):
+    """Placed first in ``callbacks``: its hooks run before every other callback's."""
+
+    reads_train_metrics = False  # a measuring instrument: nothing needs logging for it
+
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.clock.threads_seen.add(torch.get_num_threads())
+        self.clock.times.steps.append([])
+        self.clock.epoch_start = self.clock.timer()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if _teacher_outputs(pl_module) is not None:
+            raise RuntimeError(
+                "The timing start callback ran after DistillationCallback: the window misses the teacher"
+            )
+        self.clock.step_start = self.clock.timer()
+
+
+class _StopTimer(L.Callback):
+    """Placed last in ``callbacks``: its hooks run after every other callback's."""
+
+    reads_train_metrics = False
+
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.clock.times.steps[-1].append(self.clock.timer() - self.clock.step_start)
+        if _teacher_outputs(pl_module) is not None:
+            raise RuntimeError("The timing stop callback ran before DistillationCallback's on_train_batch_end.")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.clock.times.epochs.append(self.clock.timer() - self.clock.epoch_start)

@@ -18,7 +18,8 @@ every round, the first ``--warmup`` steps of each fit dropped; every fit starts 
 ``plugin, check_finite=False``
     The same without the per-step NaN/inf check of the teacher's logits (one device sync per step).
 ``plugin, teacher_precision="bf16"``
-    The teacher's weights in bfloat16, run outside the Trainer's autocast (half its memory).
+    ``DistillationCallback(TeacherRunner(teacher, precision="bf16"))``: the teacher's weights in bfloat16, run outside
+    the Trainer's autocast (half its memory).
 
 Measured: the step time (device-synchronized wall time from the first callback's ``on_train_batch_start``, before
 the plugin's teacher forward, to the last callback's ``on_train_batch_end``), its median per variant and the median
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_distill import DistillationCallback, DistillModule
+from lightning_distill import DistillationCallback, DistillModule, TeacherRunner
 
 VARIANTS = ("hand-written", "plugin", "plugin, check_finite=False", 'plugin, teacher_precision="bf16"')
 ALPHA, TEMPERATURE, LR = 0.5, 2.0, 1e-4
@@ -193,9 +194,8 @@ def run_fit(variant: str, config: Config, models: dict[str, nn.Module], loader: 
     else:
         teacher = models["teacher_bf16"] if "bf16" in variant else models["teacher"]
         callback = DistillationCallback(
-            teacher,
+            TeacherRunner(teacher, precision="bf16" if "bf16" in variant else None),
             check_finite="check_finite=False" not in variant,
-            teacher_precision="bf16" if "bf16" in variant else None,
         )
         callbacks.append(callback)
         module = DistillModule(

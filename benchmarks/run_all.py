@@ -10,7 +10,7 @@ run.
 
 Run from the repository root::
 
-    python benchmarks/run_all.py                        # everything, about 35 minutes on 2 idle cores
+    python benchmarks/run_all.py                        # everything, about 40 minutes on 2 idle cores
     python benchmarks/run_all.py --only cache sequence  # some of them
     python benchmarks/run_all.py --quick --no-readme    # smoke run of every script (tests/test_benchmarks.py)
 
@@ -64,7 +64,7 @@ class Benchmark:
 
 BENCHMARKS = (
     Benchmark("demo", (), "students 0-4, teacher 0, data seed 42", plot_flag=None),
-    Benchmark("overhead", ("--rounds", "20", "--epochs", "3"), "seed 0, data seed 42", plot_flag=None),
+    Benchmark("overhead", ("--rounds", "20", "--clock", "thread"), "seed 0, data seed 42", plot_flag=None),
     Benchmark("features", ("--seeds", "5", "--rounds", "20"), "0-4, data seed 42"),
     Benchmark("self_distill", (), "0-2, data seed 42", plot_flag="--output"),
     Benchmark("ddp", (), "0", plot_flag=None),

@@ -1,12 +1,12 @@
 """FSDP2 on CPU: the teacher sharded across 2 processes against a full replica per process.
 
 What is measured: the fit of ``benchmarks/ddp.py`` (teacher MLP 64 -> 2048 -> 2048 -> 10, 4.3 M frozen parameters;
-student MLP 64 -> 1024 -> 1024 -> 10) under Lightning's ``ModelParallelStrategy`` with 2 CPU processes (gloo), one
-torch thread each. The student's layers and the module are sharded by ``configure_model``; the teacher is held as
-``DistillationCallback(teacher_sharding=...)`` says: ``"replicate"`` or ``"shard"`` (each Linear its own unit). For
-each: the teacher bytes each rank holds at rest (``DistillationCallback.teacher_bytes``) and the training
-throughput from epoch 2 on (samples of both ranks / wall time on rank 0). Rounds alternate the order; the report
-gives medians and the median per-round ratio shard / replicate.
+student MLP 64 -> 1024 -> 1024 -> 10) under Lightning's ``ModelParallelStrategy`` with 2 CPU processes (gloo), one torch
+thread each. The student's layers and the module are sharded by ``configure_model``; the teacher is held as
+``DistillationCallback(TeacherRunner(teacher, sharding=...))`` says: ``"replicate"`` or ``"shard"`` (each Linear its own
+unit, ``shard_units=[nn.Linear]``). For each: the teacher bytes each rank holds at rest
+(``DistillationCallback.teacher_bytes``) and the training throughput from epoch 2 on (samples of both ranks / wall time
+on rank 0). Rounds alternate the order; the report gives medians and the median per-round ratio shard / replicate.
 
 Run from the repository root::
 
@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from lightning_distill import DistillationCallback, DistillModule
+from lightning_distill import DistillationCallback, DistillModule, TeacherRunner
 
 MODES = ("replicate", "shard")
 
@@ -46,7 +46,7 @@ class ShardedStudent(DistillModule):
 def fit(mode: str, epochs: int, samples: int, out: Path) -> None:
     """One 2-process fit; rank 0 writes throughput and teacher bytes per rank to ``out``."""
     torch.manual_seed(0)
-    callback = DistillationCallback(mlp(2048), teacher_sharding=mode, teacher_shard_units=[nn.Linear])
+    callback = DistillationCallback(TeacherRunner(mlp(2048), sharding=mode, shard_units=[nn.Linear]))
     module = ShardedStudent(student=mlp(1024), alpha=0.9, temperature=4.0)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer, rate = timed_fit(strategy, 2, callback, module, epochs, samples)

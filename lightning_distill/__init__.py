@@ -1,27 +1,37 @@
 """lightning-distill: knowledge distillation for PyTorch Lightning as a one-line addition.
 
 Add :class:`DistillationCallback` (it owns the frozen teacher) to the Trainer and train a :class:`DistillModule`
-(it owns the loss) as the student. In a loop of your own (Lightning Fabric, plain PyTorch) use :class:`Distiller`,
-the same engine.
+(it owns the loss) as the student. In a loop of your own (Lightning Fabric, plain PyTorch) use :class:`Distiller`;
+both compose the same :class:`DistillationObjective`. The capabilities live in subpackages, each with its public
+names in ``__all__``: :mod:`~lightning_distill.teacher`, :mod:`~lightning_distill.features`,
+:mod:`~lightning_distill.losses`, :mod:`~lightning_distill.self_distill`, :mod:`~lightning_distill.quantization` and
+:mod:`~lightning_distill.interop`; :mod:`~lightning_distill.demos` (demo data and models) is never imported by the
+library.
 """
 
+from lightning_distill import schedules
 from lightning_distill.callback import DistillationCallback
 from lightning_distill.distiller import Distiller
-from lightning_distill.features._map import FeatureMap
+from lightning_distill.features import FeatureMap
 from lightning_distill.module import DistillModule
-from lightning_distill.self_distill._module import SelfDistillModule
-from lightning_distill.teacher._cache import TeacherCache
-from lightning_distill.teacher._runner import TeacherOutputs
+from lightning_distill.objective import DistillationObjective
+from lightning_distill.self_distill import SelfDistillModule
+from lightning_distill.teacher import IndexedDataset, TeacherCache, TeacherMixture, TeacherOutputs, TeacherRunner
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DistillModule",
     "DistillationCallback",
+    "DistillationObjective",
     "Distiller",
     "FeatureMap",
+    "IndexedDataset",
     "SelfDistillModule",
     "TeacherCache",
+    "TeacherMixture",
     "TeacherOutputs",
+    "TeacherRunner",
     "__version__",
+    "schedules",
 ]

@@ -26,7 +26,7 @@ def call_with_inputs(model: nn.Module, inputs: Any) -> Any:
         >>> call_with_inputs(nn.Identity(), torch.ones(2)).tolist()
         [1.0, 1.0]
     """
-    if isinstance(inputs, Mapping):
+    if not isinstance(inputs, Tensor) and isinstance(inputs, Mapping):  # a tensor first: the common case is cheap
         return model(**inputs)
     return model(inputs)
 
@@ -85,6 +85,8 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
         >>> split_batch({"input_ids": 1, "labels": 2})
         ({'input_ids': 1}, 2)
     """
+    if type(batch) in (tuple, list) and len(batch) == 2:  # the common `(x, y)` (exact types: not an `Indexed`)
+        return batch[0], batch[1]
     if isinstance(batch, Indexed):  # sample identity for the teacher cache: the model sees only the sample
         return split_batch(batch.sample)
     if isinstance(batch, Mapping):

@@ -7,19 +7,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_distill._batches import next_token_view
-from lightning_distill.losses.functional import cross_entropy, kd_loss
+from lightning_distill.losses.functional import cross_entropy
 
 if TYPE_CHECKING:
     from lightning_distill.module import DistillModule
 
 
-def evaluate_student(module: DistillModule, stage: str, batch: Any, dataloader_idx: int) -> None:
+def evaluate_student(
+    module: DistillModule, stage: str, inputs: Any, target: torch.Tensor | None, dataloader_idx: int
+) -> None:
     """Log ``{stage}/loss`` and ``{stage}/acc``; with teacher outputs also ``teacher_acc``, ``agreement``, ``kd_loss``.
 
     Positions count as in training (:meth:`DistillModule.position_mask <lightning_distill.DistillModule.position_mask>`
     and ``ignore_index``); rates are exact over the epoch and synchronized across processes.
     """
-    inputs, target = module.split_batch(batch)
     logits = module.student_logits(inputs)
     batch_size = logits.shape[0]
     mask = module.position_mask(module.token_masks(inputs, target), logits)
@@ -43,18 +44,5 @@ def evaluate_student(module: DistillModule, stage: str, batch: Any, dataloader_i
         module._log_rate(stage, dataloader_idx, "teacher_acc", teacher_preds == target, counted)
     if module.divergence == "dkd" and target is None:
         return  # DKD needs labels
-    values = module.hparam_values()
-    divergence = kd_loss(
-        logits,
-        teacher_logits,
-        temperature=values["temperature"],
-        divergence=module.divergence,
-        mask=counted,
-        target=target,
-        ignore_index=module.ignore_index,
-        tckd_weight=values["tckd_weight"],
-        nckd_weight=values["nckd_weight"],
-        js_beta=module.js_beta,
-        chunk_size=module.kd_chunk_size,
-    )
+    divergence = module.objective.kd_loss(logits, teacher_logits, target, counted, module.hparam_values())
     module.log(f"{stage}/kd_loss", divergence, batch_size=batch_size, sync_dist=True)

@@ -23,7 +23,7 @@ class DistillCLI(LightningCLI):
     """:class:`LightningCLI` over :class:`DistillModule` that checks the teacher checkpoint first and reports ``fit``.
 
     :func:`lightning_distill.cli.main` runs it; a script of your own may use it like ``LightningCLI`` (the same
-    arguments). A ``teacher_checkpoint`` in ``trainer.callbacks`` that does not exist stops it before anything is
+    arguments). A teacher ``checkpoint`` in ``trainer.callbacks`` that does not exist stops it before anything is
     built, naming the config beside the given one whose ``ModelCheckpoint`` writes that file; ``fit`` ends by
     printing the final ``val/`` metrics and the checkpoint's path.
     """
@@ -37,7 +37,7 @@ class DistillCLI(LightningCLI):
                 hint = (
                     f"run `lightning-distill fit --config {writer}` first, it writes it"
                     if writer is not None
-                    else "train the teacher first, or point `teacher_checkpoint` at an existing checkpoint"
+                    else "train the teacher first, or point the TeacherRunner's `checkpoint` at an existing checkpoint"
                 )
                 raise SystemExit(f"lightning-distill: the teacher checkpoint {path} does not exist: {hint}.")
 
@@ -57,15 +57,26 @@ class DistillCLI(LightningCLI):
 
 
 def _teacher_checkpoints(callbacks: Any) -> list[str]:
-    """The ``teacher_checkpoint`` paths set in the parsed ``trainer.callbacks``."""
+    """The teacher checkpoint paths set in the parsed ``trainer.callbacks``.
+
+    A ``DistillationCallback``'s teacher is a ``TeacherRunner`` whose ``checkpoint`` is the path, or (deprecated)
+    the callback's own ``teacher_checkpoint``.
+    """
     if callbacks is None:
         return []
-    found = []
+    found: list[str] = []
     for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
         init_args = getattr(callback, "init_args", None)
-        path = None if init_args is None else init_args.get("teacher_checkpoint")
-        if path is not None:
-            found.append(str(path))
+        if init_args is None:
+            continue
+        teacher = init_args.get("teacher")
+        runner_args = getattr(teacher, "init_args", None)
+        is_runner = str(getattr(teacher, "class_path", "")).endswith("TeacherRunner")
+        paths = [
+            init_args.get("teacher_checkpoint"),
+            runner_args.get("checkpoint") if is_runner and runner_args else None,
+        ]
+        found.extend(str(path) for path in paths if path is not None)
     return found
 
 

@@ -2,64 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_distill._batches import example_inputs
-from lightning_distill.module import DistillModule
+from lightning_distill._contract import TeacherClient, TeacherConnection, TeacherNeeds, TeacherRequest
 from lightning_distill.teacher._cache import TeacherCache, cache_settings
 from lightning_distill.teacher._mixture import TeacherMixture
-from lightning_distill.teacher._runner import (
-    TeacherOutputs,
-    TeacherPrecision,
-    TeacherRunner,
-    load_teacher_checkpoint,
-    teacher_fingerprint,
-)
-from lightning_distill.teacher._sharding import (
-    TeacherSharding,
-    check_sharding_option,
-    module_bytes,
-    resolve_sharding,
-    shard_teacher,
-    strategy_kind,
-)
+from lightning_distill.teacher._runner import TeacherOutputs, TeacherPrecision, TeacherRunner, teacher_fingerprint
+from lightning_distill.teacher._sharding import TeacherSharding, module_bytes, strategy_kind
+
+__all__ = ["DistillationCallback"]
+
+_RUNNER_KEYWORDS = {  # the deprecated callback keywords and the TeacherRunner keywords that replace them
+    "teacher_checkpoint": "checkpoint",
+    "logits_layer": "logits_layer",
+    "teacher_precision": "precision",
+    "teacher_device": "device",
+    "teacher_sharding": "sharding",
+    "teacher_shard_units": "shard_units",
+}
 
 
 class DistillationCallback(L.Callback):
     r"""Runs a frozen teacher beside a :class:`~lightning_distill.DistillModule` student.
 
     The callback holds the teacher, so the teacher never enters the student's ``state_dict``, ``parameters()``,
-    optimizer or strategy wrapper. In ``setup`` the teacher is placed on the student's device and precision; in
-    ``on_train_batch_start`` it runs once on the batch's inputs under ``torch.no_grad()`` and the Trainer's precision
-    context, and its outputs (logits, and the features the module's
-    :class:`~lightning_distill.FeatureMap` s name, captured by forward hooks removed in ``teardown``) are handed to
-    the module with :meth:`~lightning_distill.DistillModule.set_teacher_outputs`; they are cleared in
-    ``on_train_batch_end``. With feature maps, ``setup("fit")`` also runs the teacher once on the module's
-    ``example_input_array`` (or, without one, on the first batch of the training data ``fit`` was given: a
-    ``DataLoader``, a datamodule's or the module's ``train_dataloader``) so that the module can build its projectors
-    before the optimizer exists.
+    optimizer or strategy wrapper. It talks to the module only through the teacher contract
+    (:class:`~lightning_distill._contract.TeacherClient`): in ``setup`` it places the teacher on the student's device
+    and precision (or where its :class:`~lightning_distill.teacher.TeacherRunner` says), asks the module which teacher
+    layers to capture (forward hooks, removed in ``teardown``) and connects the teacher to the module, which refuses
+    a teacher its loss cannot use and runs it itself for its own set-up and for steps no callback hook sees (the
+    Tuner's searches). In ``on_train_batch_start`` it asks the module what to run the teacher on, runs it once under
+    ``torch.no_grad()`` and the Trainer's precision context, and hands the outputs over with
+    :meth:`~lightning_distill.DistillModule.set_teacher_outputs`; they are cleared in ``on_train_batch_end``.
 
     Args:
-        teacher: The teacher model; frozen and kept in eval mode. Its output must be logits (a tensor, ``.logits`` or
-            ``["logits"]``) unless ``logits_layer`` is given.
-        teachers: Instead of ``teacher``, several teachers by name: the KD target is the weighted mixture of their
-            distributions at the module's temperature (:class:`~lightning_distill.teacher.TeacherMixture`); feature
-            maps name their layers ``"<name>.<layer>"``.
-        weights: With ``teachers``: name -> weight (normalized to sum to 1); default equal.
-        teacher_checkpoint: Optional Lightning ``.ckpt`` or plain ``state_dict`` file loaded strictly into
-            ``teacher`` at construction (one wrapping prefix such as ``"net."`` is stripped when that makes it match).
-        logits_layer: Optional dotted name of an inner teacher layer whose output are the logits (for a teacher that
-            ends in softmax, take the layer before it).
+        teacher: The teacher model, frozen and kept in eval mode; its output must be logits (a tensor, ``.logits`` or
+            ``["logits"]``). A :class:`~lightning_distill.teacher.TeacherMixture` distills from the weighted mixture
+            of several teachers' distributions at the module's temperature. A
+            :class:`~lightning_distill.teacher.TeacherRunner` holds the teacher with its placement: a checkpoint to
+            load, a logits layer, its own precision or device, and its sharding under FSDP.
+        cache: A :class:`~lightning_distill.TeacherCache`: the teacher's logits are stored in the first epoch and read
+            back later, so cached batches never run the teacher (logits only: no feature maps, no mixture).
         run_on_validation: Also run the teacher on validation and test batches, so the module logs
             ``val/teacher_acc``, ``val/agreement`` and ``val/kd_loss`` (``test/...`` likewise).
         check_finite: Check the teacher's logits for NaN/inf on every training batch (one device synchronisation per
@@ -68,27 +63,21 @@ class DistillationCallback(L.Callback):
             chance (an untrained or unloaded teacher). ``False`` for a teacher that is weak on purpose or a smoke run.
         allow_untested: Run under a strategy other than single device, the DDP family, FSDP, ``ModelParallelStrategy``
             and DeepSpeed, whose teacher handling is untested (the teacher is then replicated per process).
-        teacher_precision: Give the teacher its own precision (``"32"``, ``"64"``, ``"16"``, ``"bf16"``), e.g. a
-            ``"bf16"`` teacher for a float32 student: its weights and floating inputs are cast to it and it runs
-            outside the Trainer's autocast. ``None`` (default) follows the Trainer's precision.
-        teacher_device: Keep the teacher on its own device (``"cpu"``, ``"cuda:1"``): the batch's inputs are moved to
-            it and its outputs back to the student's device. ``None`` (default): the student's device.
-        teacher_sharding: Under ``FSDPStrategy`` / ``ModelParallelStrategy``: ``"shard"`` the teacher across all
-            processes with FSDP2 (no optimizer, no gradients, each unit's weights gathered for its forward and freed
-            after), ``"replicate"`` it (a full copy per process), or ``"auto"`` (default): shard when its weights take
-            at least 1 GiB. Under other strategies ``"auto"`` replicates and ``"shard"`` is refused.
-        cache: A :class:`~lightning_distill.TeacherCache`: the teacher's logits are stored in the first epoch and read
-            back later, so cached batches never run the teacher (logits only: no feature maps).
-        teacher_shard_units: Module classes of the teacher to shard as separate FSDP units (e.g. its transformer block
-            class), so its forward never holds more than one unit's full weights; by default the whole teacher is one
-            unit.
+        teachers: Deprecated: pass ``TeacherMixture(teachers, weights)`` as ``teacher``.
+        weights: Deprecated, with ``teachers``.
+        teacher_checkpoint: Deprecated: ``TeacherRunner(teacher, checkpoint=...)``.
+        logits_layer: Deprecated: ``TeacherRunner(teacher, logits_layer=...)``.
+        teacher_precision: Deprecated: ``TeacherRunner(teacher, precision=...)``.
+        teacher_device: Deprecated: ``TeacherRunner(teacher, device=...)``.
+        teacher_sharding: Deprecated: ``TeacherRunner(teacher, sharding=...)``.
+        teacher_shard_units: Deprecated: ``TeacherRunner(teacher, shard_units=...)``.
 
     Raises:
-        TypeError: For a teacher that is not an ``nn.Module`` or is ``DataParallel``-wrapped, a flag that is not a
-            bool, or a ``teacher_checkpoint`` that is not a path.
-        ValueError: For a ``logits_layer`` that does not exist, a checkpoint that does not match, an unknown
-            ``teacher_sharding``, or ``teacher_sharding="shard"`` together with a ``teacher_device``.
-        FileNotFoundError: For a ``teacher_checkpoint`` that does not exist.
+        TypeError: For a teacher that is neither an ``nn.Module`` nor a ``TeacherRunner``, a ``cache`` that is not a
+            ``TeacherCache``, or a flag that is not a bool (and as :class:`~lightning_distill.teacher.TeacherRunner`
+            raises for the deprecated keywords).
+        ValueError: For a deprecated keyword together with a ``TeacherRunner``, or neither or both of ``teacher`` and
+            ``teachers``; at ``setup("fit")`` for a cached mixture of teachers.
 
     Example::
 
@@ -96,25 +85,28 @@ class DistillationCallback(L.Callback):
         >>> cb = DistillationCallback(nn.Linear(40, 10))
         >>> cb.teacher.training, any(p.requires_grad for p in cb.teacher.parameters())
         (False, False)
+        >>> cb = DistillationCallback(TeacherRunner(nn.Linear(40, 10), precision="bf16"))
+        >>> cb.teacher.weight.dtype, cb.runner.precision
+        (torch.float32, 'bf16')
     """
 
     def __init__(
         self,
-        teacher: nn.Module | None = None,
+        teacher: nn.Module | TeacherRunner | None = None,
         *,
-        teachers: Mapping[str, nn.Module] | None = None,
-        weights: Mapping[str, float] | None = None,
-        teacher_checkpoint: str | Path | None = None,
-        logits_layer: str | None = None,
+        cache: TeacherCache | None = None,
         run_on_validation: bool = True,
         check_finite: bool = True,
         check_accuracy: bool = True,
         allow_untested: bool = False,
+        teachers: Mapping[str, nn.Module] | None = None,
+        weights: Mapping[str, float] | None = None,
+        teacher_checkpoint: str | Path | None = None,
+        logits_layer: str | None = None,
         teacher_precision: TeacherPrecision | None = None,
         teacher_device: str | torch.device | None = None,
-        teacher_sharding: TeacherSharding = "auto",
-        teacher_shard_units: Sequence[type[nn.Module]] = (),
-        cache: TeacherCache | None = None,
+        teacher_sharding: TeacherSharding | None = None,
+        teacher_shard_units: Sequence[type[nn.Module]] | None = None,
     ) -> None:
         for name, flag in (
             ("run_on_validation", run_on_validation),
@@ -124,45 +116,39 @@ class DistillationCallback(L.Callback):
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
-        if teacher_checkpoint is not None and not isinstance(teacher_checkpoint, (str, Path)):
-            raise TypeError(
-                f"`teacher_checkpoint` must be a path (str or Path), got {type(teacher_checkpoint).__name__}."
-            )
-        self.teacher_sharding = check_sharding_option(teacher_sharding)
-        self.teacher_shard_units = _check_units(teacher_shard_units)
-        if teacher_sharding == "shard" and teacher_device is not None:
-            raise ValueError(
-                f"`teacher_sharding='shard'` spreads the teacher over every process's device, so it cannot also stay "
-                f"on `teacher_device={str(teacher_device)!r}`. HINT: drop one of the two options."
-            )
-        if (teacher is None) == (teachers is None):
-            raise ValueError(
-                "Pass exactly one of `teacher` (one model) and `teachers` (a dict of models whose distributions are "
-                f"mixed), got teacher={type(teacher).__name__} and teachers={type(teachers).__name__}."
-            )
-        if teachers is not None:
-            teacher = TeacherMixture(teachers, weights)
-        elif weights is not None:
-            raise ValueError("`weights` weighs several `teachers`; with one `teacher` leave it None.")
-        assert teacher is not None
-        self._runner = TeacherRunner(teacher, logits_layer, precision=teacher_precision, device=teacher_device)
-        self.teacher_sharded = False
+        placement = {
+            "teacher_checkpoint": teacher_checkpoint,
+            "logits_layer": logits_layer,
+            "teacher_precision": teacher_precision,
+            "teacher_device": teacher_device,
+            "teacher_sharding": teacher_sharding,
+            "teacher_shard_units": teacher_shard_units,
+        }
+        self._runner = _runner_from(teacher, teachers, weights, placement)
         if cache is not None and not isinstance(cache, TeacherCache):
             raise TypeError(f"`cache` must be a TeacherCache or None, got {type(cache).__name__}.")
         self.cache = cache
-        if teacher_checkpoint is not None:
-            load_teacher_checkpoint(self.teacher, teacher_checkpoint)
-        self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
         self.run_on_validation = run_on_validation
         self.check_finite = check_finite
         self.check_accuracy = check_accuracy
         self.allow_untested = allow_untested
+        self.teacher_sharded = False
         self.fingerprint = teacher_fingerprint(self.teacher)
         self._loaded_fingerprint: str | None = None
         # Lightning reads `state_key` on every hook call; the teacher's class and logits layer never change.
-        self._state_key = self._generate_state_key(teacher=_describe(self.teacher), logits_layer=logits_layer)
+        self._state_key = self._generate_state_key(
+            teacher=_describe(self.teacher), logits_layer=self._runner.logits_layer
+        )
+        self._client: TeacherClient | None = None  # the module connected in `setup`
+        self._needs = TeacherNeeds()
+        self._forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self._first_batch_checked = False
         self._first_batch: tuple[Tensor, Tensor] | None = None  # the first batch's teacher logits and target
+
+    @property
+    def runner(self) -> TeacherRunner:
+        """The :class:`~lightning_distill.teacher.TeacherRunner` that holds, places and runs the teacher."""
+        return self._runner
 
     @property
     def teacher(self) -> nn.Module:
@@ -181,11 +167,7 @@ class DistillationCallback(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, DistillModule):
-            raise TypeError(
-                f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__}. HINT: subclass "
-                "`lightning_distill.DistillModule`, or wrap your network: `DistillModule(student=net, ...)`."
-            )
+        client = _as_client(pl_module)
         strategy = trainer.strategy
         kind = strategy_kind(strategy)
         if kind == "untested" and not self.allow_untested:
@@ -195,6 +177,22 @@ class DistillationCallback(L.Callback):
                 "fsdp, ModelParallelStrategy (FSDP2), deepspeed. HINT: pass `allow_untested=True` to try anyway "
                 "(the teacher is then replicated on every process)."
             )
+        # `Trainer.callbacks` is public but set by Lightning's callback connector, so type checkers do not see it
+        present: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        callbacks = [c for c in present if isinstance(c, DistillationCallback)]
+        if len(callbacks) > 1:
+            teachers = ", ".join(_describe(c.teacher) for c in callbacks)
+            raise RuntimeError(
+                f"The Trainer has {len(callbacks)} DistillationCallbacks (teachers {teachers}), but a module learns "
+                "from one teacher: it would silently get only the last one's outputs. HINT: pass the teachers as one "
+                "mixture, `DistillationCallback(TeacherMixture({'a': teacher_a, 'b': teacher_b}))`."
+            )
+        cache = self.cache if stage == "fit" else None  # only training steps read the cache
+        if cache is not None and isinstance(self.teacher, TeacherMixture):
+            raise ValueError(
+                "TeacherCache stores one teacher's logits; a mixture of teachers depends on the temperature and is not "
+                "cached. HINT: remove `cache=` or distill from one teacher."
+            )
         student_params = {id(p) for p in pl_module.parameters()}
         shared = [n for n, p in self.teacher.named_parameters() if id(p) in student_params]
         if shared:
@@ -202,37 +200,36 @@ class DistillationCallback(L.Callback):
                 f"The teacher shares parameters with the student ({shared[:5]}): distillation needs a separate, frozen "
                 "teacher. HINT: pass `copy.deepcopy(model)` as the teacher."
             )
-        _check_available(self._runner.device)
         self._runner.place(strategy.root_device, trainer.precision_plugin.convert_module)
-        self.teacher_sharded = self._runner.device is None and resolve_sharding(
-            self.teacher_sharding, kind, type(strategy).__name__, module_bytes(self.teacher)
-        )
-        if self.teacher_sharded:
-            shard_teacher(self.teacher, strategy.root_device, self.teacher_shard_units)
-        self._runner.set_features((m.teacher, m.teacher_select) for m in pl_module.feature_maps)
+        self.teacher_sharded = self._runner.shard(kind, type(strategy).__name__, strategy.root_device)
+        self._needs = client.teacher_needs()
+        self._runner.set_features(self._needs.features)
+        self._forward_context = trainer.precision_plugin.forward_context
         self._first_batch_checked = False
         self._first_batch = None
-        if stage != "fit":
-            return
-        if self.cache is not None:
-            _check_cacheable(self.cache, pl_module, self.teacher)
-        if isinstance(self.teacher, TeacherMixture) and pl_module.divergence == "mse":
-            raise ValueError(
-                "divergence='mse' compares raw logits, which a mixture of teachers does not have. HINT: use a "
-                "divergence on probabilities ('kl', 'reverse_kl', 'js', 'soft_ce', 'dkd')."
+        client.connect_teacher(
+            TeacherConnection(
+                run=self._run,
+                mixture=isinstance(self.teacher, TeacherMixture),
+                cached=cache is not None,
+                cache_top_k=None if cache is None else cache.top_k,
+                owner=f"DistillationCallback({_describe(self.teacher)})",
             )
-        if pl_module.feature_maps:  # shapes for the projectors, and a check of every map, before the optimizer
-            example = example_inputs(trainer, pl_module)
-            teacher_features = None
-            if example is not None:
-                inputs = move_data_to_device(example, trainer.strategy.root_device)
-                teacher_features = self._runner.run(inputs, trainer.precision_plugin.forward_context()).features
-            pl_module.build_projectors(teacher_features, example)
-        if pl_module.schedules["alpha"].bounds() == (0.0, 0.0) and not pl_module.feature_maps:
-            rank_zero_warn(
-                "DistillModule has alpha=0.0, so the KD term has no weight: the teacher runs on every training batch "
-                "but does not change the student. HINT: remove DistillationCallback to train the student alone."
-            )
+        )
+        self._client = client
+
+    def _run(self, request: TeacherRequest) -> TeacherOutputs:
+        """Run the teacher for ``request`` under the Trainer's precision context (never reading the cache)."""
+        if isinstance(self.teacher, TeacherMixture):
+            self.teacher.temperature = request.temperature
+        return self._runner.run(request.inputs, self._forward_context(), features=request.features)
+
+    def _client_for(self, pl_module: L.LightningModule) -> TeacherClient:
+        """The module as a teacher client: the one ``setup`` connected, without checking the protocol again."""
+        client = self._client
+        if client is None or pl_module is not client:
+            client = self._client = _as_client(pl_module)
+        return client
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -247,22 +244,18 @@ class DistillationCallback(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        module = _as_distill_module(pl_module)
-        inputs, target = module.split_batch(batch)
-        self._set_mixture_temperature(module)
-        if self.cache is None:
-            outputs = self._runner.run(inputs, trainer.precision_plugin.forward_context())
-        else:
-            outputs = self._cached_outputs(trainer, module, batch, inputs)
+        client = self._client_for(pl_module)
+        request = client.teacher_request(batch)
+        outputs = self._run(request) if self.cache is None else self._cached_outputs(trainer, batch, request)
         if self.check_finite or not self._first_batch_checked:
             _check_finite(outputs.logits, trainer, batch_idx)
         if not self._first_batch_checked:
             self._first_batch_checked = True
-            if target is not None and self.check_accuracy:  # scored after the step: the module's shape checks first
-                self._first_batch = (outputs.logits, target)
-        module.set_teacher_outputs(outputs)
+            if request.target is not None and self.check_accuracy:  # scored after the step: its shape checks first
+                self._first_batch = (outputs.logits, request.target)
+        client.set_teacher_outputs(outputs)
 
-    def _cached_outputs(self, trainer: L.Trainer, module: DistillModule, batch: Any, inputs: Any) -> TeacherOutputs:
+    def _cached_outputs(self, trainer: L.Trainer, batch: Any, request: TeacherRequest) -> TeacherOutputs:
         cache = self.cache
         assert cache is not None
 
@@ -270,7 +263,7 @@ class DistillationCallback(L.Callback):
 
         def run() -> Tensor:  # at most one teacher forward per batch, however many times it is asked for
             if not ran:
-                ran.append(self._runner.run(inputs, trainer.precision_plugin.forward_context(), features=False).logits)
+                ran.append(self._run(dataclasses.replace(request, features=False)).logits)
             return ran[0]
 
         if not cache.is_open:
@@ -289,7 +282,7 @@ class DistillationCallback(L.Callback):
                 getattr(dataset, "views", 1),
                 logits.shape[-1],
                 cache.top_k,
-                module.hparam_values()["temperature"],
+                request.temperature,
             )
             cache.open(settings, create=trainer.is_global_zero, barrier=trainer.strategy.barrier)
         return cache.outputs(cache.rows(batch), run, trainer.current_epoch, trainer.strategy.root_device)
@@ -303,18 +296,20 @@ class DistillationCallback(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        module = _as_distill_module(pl_module)
-        module.set_teacher_outputs(None)
+        self._client_for(pl_module).set_teacher_outputs(None)
         if self._first_batch is not None:
             logits, target = self._first_batch
             self._first_batch = None
-            _warn_if_chance_level(logits, target, module.ignore_index, module.shift_labels)
+            _warn_if_chance_level(logits, target, self._needs.ignore_index, self._needs.shift_labels)
 
     @override
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._run_for_evaluation(trainer, pl_module, batch)
+        if self.run_on_validation:
+            client = self._client_for(pl_module)
+            request = client.teacher_request(batch)
+            client.set_teacher_outputs(self._run(dataclasses.replace(request, features=False)))
 
     @override
     def on_validation_batch_end(
@@ -326,41 +321,34 @@ class DistillationCallback(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        _as_distill_module(pl_module).set_teacher_outputs(None)
+        self._client_for(pl_module).set_teacher_outputs(None)
 
     # The test loop gets the same teacher run and clean-up as the validation loop.
     on_test_batch_start = on_validation_batch_start
     on_test_batch_end = on_validation_batch_end
 
-    def _set_mixture_temperature(self, module: DistillModule) -> None:
-        if isinstance(self.teacher, TeacherMixture):
-            self.teacher.temperature = module.hparam_values()["temperature"]
-
-    def _run_for_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        if self.run_on_validation:
-            module = _as_distill_module(pl_module)
-            inputs, _ = module.split_batch(batch)
-            self._set_mixture_temperature(module)
-            outputs = self._runner.run(inputs, trainer.precision_plugin.forward_context(), features=False)
-            module.set_teacher_outputs(outputs)
-
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(pl_module, DistillModule):
-            pl_module.set_teacher_outputs(None)
+        self._disconnect(pl_module)  # Lightning runs no `teardown` after an exception
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._runner.remove_hooks()
-        if isinstance(pl_module, DistillModule):
+        self._disconnect(pl_module)
+
+    def _disconnect(self, pl_module: L.LightningModule) -> None:
+        if isinstance(pl_module, TeacherClient):
             pl_module.set_teacher_outputs(None)
+            pl_module.connect_teacher(None)
+        self._client = None
+        self._forward_context = contextlib.nullcontext
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "teacher_fingerprint": self.fingerprint,
             "teacher_class": type(self.teacher).__qualname__,
-            "teacher_checkpoint": self.teacher_checkpoint,
+            "teacher_checkpoint": self._runner.checkpoint,
             "logits_layer": self._runner.logits_layer,
             "teacher_precision": self._runner.precision,
             "teacher_device": None if self._runner.device is None else str(self._runner.device),
@@ -372,10 +360,88 @@ class DistillationCallback(L.Callback):
         self._loaded_fingerprint = state_dict.get("teacher_fingerprint")
 
 
-def _as_distill_module(pl_module: L.LightningModule) -> DistillModule:
-    if not isinstance(pl_module, DistillModule):  # setup() has refused this already; keeps type checkers honest
-        raise TypeError(f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__}.")
+def _as_client(pl_module: L.LightningModule) -> TeacherClient:
+    if not isinstance(pl_module, TeacherClient):
+        raise TypeError(
+            f"DistillationCallback needs a DistillModule, got {type(pl_module).__name__} (a module that is no "
+            "`lightning_distill._contract.TeacherClient`). HINT: subclass `lightning_distill.DistillModule`, or wrap "
+            "your network: `DistillModule(student=net, ...)`."
+        )
     return pl_module
+
+
+def _runner_from(
+    teacher: nn.Module | TeacherRunner | None,
+    teachers: Mapping[str, nn.Module] | None,
+    weights: Mapping[str, float] | None,
+    placement: dict[str, Any],
+) -> TeacherRunner:
+    """The teacher's runner: ``teacher`` itself, or one built from a model and the deprecated keywords (warning)."""
+    given = {name: value for name, value in placement.items() if value is not None}
+    if isinstance(teacher, TeacherRunner):
+        old = [*given, *(["teachers"] if teachers is not None else []), *(["weights"] if weights is not None else [])]
+        if old:
+            raise ValueError(
+                f"The teacher is a TeacherRunner, which holds its own placement, so DistillationCallback takes no "
+                f"`{'`, `'.join(old)}` as well. HINT: give them to the TeacherRunner: `TeacherRunner(teacher, "
+                f"{', '.join(f'{_RUNNER_KEYWORDS.get(k, k)}=...' for k in old)})`."
+            )
+        return teacher
+    if (teacher is None) == (teachers is None):
+        raise ValueError(
+            "Pass exactly one of `teacher` (a model, a TeacherMixture or a TeacherRunner) and the deprecated "
+            f"`teachers`, got teacher={type(teacher).__name__} and teachers={type(teachers).__name__}. HINT: "
+            "`DistillationCallback(teacher)`, or `DistillationCallback(TeacherMixture({'a': t1, 'b': t2}))`."
+        )
+    if teachers is None and weights is not None:
+        raise ValueError(
+            "`weights` weighs several `teachers`; with one `teacher` leave it None. HINT: weigh a mixture's teachers "
+            "in it: `TeacherMixture({'a': t1, 'b': t2}, weights={'a': 0.7, 'b': 0.3})`."
+        )
+    if "teacher_checkpoint" in given and not isinstance(given["teacher_checkpoint"], (str, Path)):
+        raise TypeError(
+            f"`teacher_checkpoint` must be a path (str or Path), got {type(given['teacher_checkpoint']).__name__}."
+        )
+    if given or teachers is not None:
+        rank_zero_deprecation(_deprecation_message(teachers, weights, given), stacklevel=7)  # at the caller
+    model = TeacherMixture(teachers, weights) if teachers is not None else teacher
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`teacher` must be a torch.nn.Module or a TeacherRunner, got {type(model).__name__}. HINT: "
+            "`DistillationCallback(my_model)`."
+        )
+    return TeacherRunner(model, **{_RUNNER_KEYWORDS[name]: value for name, value in given.items()})
+
+
+def _deprecation_message(
+    teachers: Mapping[str, nn.Module] | None, weights: Mapping[str, float] | None, given: dict[str, Any]
+) -> str:
+    """``"`DistillationCallback(<old>)` is deprecated: pass `DistillationCallback(<new>)`"``, spelled out."""
+    placement = [f"{name}={_spell(value)}" for name, value in given.items()]
+    runner = [f"{_RUNNER_KEYWORDS[name]}={_spell(value)}" for name, value in given.items()]
+    if teachers is None:
+        old, model = ["teacher"], "teacher"
+    else:
+        models = "{" + ", ".join(f"{name!r}: ..." for name in teachers) + "}"
+        old = [f"teachers={models}", *([] if weights is None else [f"weights={dict(weights)!r}"])]
+        model = f"TeacherMixture({models}{'' if weights is None else f', weights={dict(weights)!r}'})"
+    new = f"TeacherRunner({', '.join([model, *runner])})" if runner else model
+    names = ", ".join(name for name in ("TeacherMixture", "TeacherRunner") if name in new)
+    return (
+        f"`DistillationCallback({', '.join([*old, *placement])})` is deprecated: pass `DistillationCallback({new})` "
+        f"(`from lightning_distill import {names}`); the old keywords are removed in the next release."
+    )
+
+
+def _spell(value: Any) -> str:
+    """A keyword value as it is written in code: classes by name, paths and devices as strings."""
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, (Path, torch.device)):
+        return repr(str(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_spell(v) for v in value) + "]"
+    return repr(value)
 
 
 def _describe(teacher: nn.Module) -> str:
@@ -383,52 +449,6 @@ def _describe(teacher: nn.Module) -> str:
     if isinstance(teacher, TeacherMixture):
         return ",".join(f"{name}:{type(t).__qualname__}" for name, t in teacher.teachers.items())
     return type(teacher).__qualname__
-
-
-def _check_cacheable(cache: TeacherCache, module: DistillModule, teacher: nn.Module) -> None:
-    """Refuse a cache the module's loss could not use: features, or top-k with another divergence or a schedule."""
-    if isinstance(teacher, TeacherMixture):
-        raise ValueError(
-            "TeacherCache stores one teacher's logits; a mixture of teachers depends on the temperature and is not "
-            "cached. HINT: remove `cache=` or distill from one teacher."
-        )
-    if module.feature_maps:
-        raise ValueError(
-            "TeacherCache stores the teacher's logits only, but the module has feature maps, which need the teacher's "
-            "forward on every batch. HINT: remove `cache=` or the feature maps."
-        )
-    if cache.top_k is not None:
-        if module.divergence != "kl":
-            raise ValueError(
-                f"A top-k TeacherCache supports divergence='kl' only, got {module.divergence!r}. HINT: "
-                "`TeacherCache(path)` stores the full logits, which work with every divergence."
-            )
-        if not module.schedules["temperature"].is_constant:
-            raise ValueError(
-                "A top-k TeacherCache stores probabilities at one temperature, but the temperature is scheduled. HINT: "
-                "`TeacherCache(path)` stores the full logits, which work at any temperature."
-            )
-
-
-def _check_units(units: Sequence[type[nn.Module]]) -> tuple[type[nn.Module], ...]:
-    if isinstance(units, (str, type)) or not all(isinstance(u, type) and issubclass(u, nn.Module) for u in units):
-        raise TypeError(
-            f"`teacher_shard_units` must be a sequence of nn.Module classes, got {units!r}. HINT: pass the teacher's "
-            "block class, e.g. `teacher_shard_units=[MyTransformerBlock]`."
-        )
-    return tuple(units)
-
-
-def _check_available(device: torch.device | None) -> None:
-    """Raise if a requested teacher device does not exist on this machine (before any weight is moved)."""
-    if device is None or device.type != "cuda":
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if (device.index is not None and device.index >= count) or count == 0:
-        raise RuntimeError(
-            f"`teacher_device={str(device)!r}` is not available: this machine has {count} CUDA device(s). HINT: "
-            "pass 'cpu' or an existing 'cuda:<index>'."
-        )
 
 
 def _check_finite(logits: Tensor, trainer: L.Trainer, batch_idx: int) -> None:
@@ -468,7 +488,7 @@ def _warn_if_chance_level(logits: Tensor, target: Tensor, ignore_index: int, shi
             return
     rank_zero_warn(
         f"The teacher's top-1 accuracy on the first training batch is {seen}: it looks untrained. HINT: load its "
-        "weights with `DistillationCallback(teacher, teacher_checkpoint=...)`."
+        "weights with `DistillationCallback(TeacherRunner(teacher, checkpoint=...))`."
     )
 
 

@@ -18,7 +18,9 @@ import lightning as L
 from lightning_distill._quiet import quiet_lightning
 from lightning_distill.module import DistillModule
 
-USAGE = """usage: lightning-distill {demo,fit,validate,test,predict} ...
+__all__ = ["main"]
+
+_USAGE = """usage: lightning-distill {demo,fit,validate,test,predict} ...
 
   demo                     train a teacher, then a student alone and distilled, on MNIST-1D (see `demo --help`)
   fit|validate|test|predict --config CONFIG.yaml
@@ -30,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-distill`` console script; ``argv`` replaces ``sys.argv[1:]`` when given."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(_USAGE)
         return
     if args[0] == "demo":
         from lightning_distill.demos.run import main as demo_main

@@ -1,15 +1,16 @@
-"""Distiller: the same distillation engine for loops written by hand, with Lightning Fabric or plain PyTorch.
+"""Distiller: the same distillation for loops written by hand, with Lightning Fabric or plain PyTorch.
 
-The teacher is driven by :class:`~lightning_distill.teacher.TeacherRunner` (what
+The teacher is driven by a :class:`~lightning_distill.teacher.TeacherRunner` (what
 :class:`~lightning_distill.DistillationCallback` uses) and the loss is composed by a
-:class:`~lightning_distill.DistillModule` (projectors, schedules, divergences, feature terms), held as a plain
-``nn.Module``: one implementation behind both APIs.
+:class:`~lightning_distill.DistillationObjective` (what :class:`~lightning_distill.DistillModule` uses): one
+implementation behind both APIs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,43 +18,12 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_distill._batches import extract_logits
-from lightning_distill.features._map import FeatureMap
-from lightning_distill.losses.functional import Divergence
-from lightning_distill.module import DistillModule
-from lightning_distill.schedules import Schedule
-from lightning_distill.teacher._runner import TeacherOutputs, TeacherPrecision, TeacherRunner, load_teacher_checkpoint
+from lightning_distill._batches import call_with_inputs, extract_logits, split_batch
+from lightning_distill._positions import logits_mask, route_inputs, token_masks
+from lightning_distill.objective import DistillationObjective
+from lightning_distill.teacher._runner import TeacherOutputs, TeacherPrecision, TeacherRunner
 
-
-class _LoopEngine(DistillModule):
-    """A DistillModule used as a plain module by :class:`Distiller`.
-
-    It references the user's student without owning its parameters, and its schedules follow the loop's counters.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(None, **kwargs)
-        self._student_ref: tuple[nn.Module, ...] = ()  # a tuple, so the student is not registered as a submodule
-        self.step = 0
-        self.epoch = 0
-
-    def bind(self, student: nn.Module) -> None:
-        self._student_ref = (student,)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._student_ref[0](*args, **kwargs)
-
-    def _feature_root(self) -> nn.Module:
-        return self._student_ref[0]
-
-    def schedule_position(self) -> tuple[int, int]:
-        return self.step, self.epoch
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"step": self.step, "epoch": self.epoch}
-
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+__all__ = ["Distiller"]
 
 
 class Distiller(nn.Module):
@@ -86,16 +56,20 @@ class Distiller(nn.Module):
         distiller.on_train_end()                                # removes the hooks
 
     Args:
-        teacher: The teacher model (frozen here; never trained).
-        alpha, temperature, divergence, ignore_index, feature_maps, tckd_weight, nckd_weight, js_beta,
-            kd_chunk_size, shift_labels: As in
-            :class:`~lightning_distill.DistillModule`; a schedule advances with ``loss`` calls (steps) and
+        teacher: The teacher model (frozen here; never trained), or a
+            :class:`~lightning_distill.teacher.TeacherRunner` holding it with its placement (checkpoint, logits layer,
+            precision, device).
+        objective: The loss, a :class:`~lightning_distill.DistillationObjective`; or give its arguments instead
+            (``alpha``, ``temperature``, ``divergence``, ``ignore_index``, ``feature_maps``, ``tckd_weight``,
+            ``nckd_weight``, ``js_beta``, ``kd_chunk_size``, ``shift_labels``, as in
+            :class:`~lightning_distill.DistillModule`). A schedule advances with ``loss`` calls (steps) and
             ``on_epoch_end`` (epochs).
-        logits_layer, teacher_checkpoint, teacher_precision, teacher_device: As in
-            :class:`~lightning_distill.DistillationCallback`.
+        logits_layer, teacher_checkpoint, teacher_precision, teacher_device: Deprecated: give them to
+            ``TeacherRunner(teacher, logits_layer=..., checkpoint=..., precision=..., device=...)``.
 
     Raises:
-        TypeError, ValueError: As the callback and the module raise for the same arguments.
+        TypeError, ValueError: As the callback and the module raise for the same arguments, and for an
+            ``objective`` given together with its arguments.
 
     Example::
 
@@ -111,64 +85,82 @@ class Distiller(nn.Module):
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | TeacherRunner,
+        objective: DistillationObjective | None = None,
         *,
-        alpha: float | Schedule = 0.5,
-        temperature: float | Schedule = 1.0,
-        divergence: Divergence = "kl",
-        ignore_index: int = -100,
-        feature_maps: Sequence[FeatureMap | Mapping[str, Any]] | None = None,
-        tckd_weight: float | Schedule = 1.0,
-        nckd_weight: float | Schedule = 8.0,
-        js_beta: float = 0.5,
-        kd_chunk_size: int | None = None,
-        shift_labels: bool = False,
         logits_layer: str | None = None,
         teacher_checkpoint: str | Path | None = None,
         teacher_precision: TeacherPrecision | None = None,
         teacher_device: str | torch.device | None = None,
+        **objective_args: Any,
     ) -> None:
         super().__init__()
-        self.engine = _LoopEngine(
-            alpha=alpha,
-            temperature=temperature,
-            divergence=divergence,
-            ignore_index=ignore_index,
-            feature_maps=feature_maps,
-            tckd_weight=tckd_weight,
-            nckd_weight=nckd_weight,
-            js_beta=js_beta,
-            kd_chunk_size=kd_chunk_size,
-            shift_labels=shift_labels,
-        )
-        self._runner = TeacherRunner(teacher, logits_layer, precision=teacher_precision, device=teacher_device)
-        if teacher_checkpoint is not None:
-            load_teacher_checkpoint(teacher, teacher_checkpoint)
+        if objective is None:
+            objective = DistillationObjective(**objective_args)
+        elif not isinstance(objective, DistillationObjective):
+            raise TypeError(f"`objective` must be a DistillationObjective, got {type(objective).__name__}.")
+        elif objective_args:
+            raise ValueError(
+                f"Pass either `objective` or its arguments, got both (`{'`, `'.join(objective_args)}`). HINT: give "
+                "them to `DistillationObjective(...)`."
+            )
+        self.objective = objective
+        old = {
+            "logits_layer": logits_layer,
+            "checkpoint": teacher_checkpoint,
+            "precision": teacher_precision,
+            "device": teacher_device,
+        }
+        given = {name: value for name, value in old.items() if value is not None}
+        if isinstance(teacher, TeacherRunner):
+            if given:
+                raise ValueError(
+                    f"The teacher is a TeacherRunner, which holds its own placement, so `Distiller` takes no "
+                    f"{sorted(given)} as well. HINT: give them to the TeacherRunner."
+                )
+            self._runner = teacher
+        else:
+            if given:
+                spelled = ", ".join(f"{name}={value!r}" for name, value in given.items())
+                warnings.warn(
+                    f"Distiller's teacher keywords are deprecated: pass `Distiller(TeacherRunner(teacher, {spelled}), "
+                    "...)` instead.",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+            self._runner = TeacherRunner(
+                teacher,
+                logits_layer=logits_layer,
+                checkpoint=teacher_checkpoint,
+                precision=teacher_precision,
+                device=teacher_device,
+            )
         self._context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self._device = torch.device("cpu")
         self._begun = False
         self._step_open = False
         self._snapshot: list[Tensor] | None = None
         self.last_terms: dict[str, Tensor] = {}
+        self.step = 0
+        self.epoch = 0
+        self._register_load_state_dict_pre_hook(_rename_engine_keys)
 
     @property
     def teacher(self) -> nn.Module:
         """The frozen teacher model."""
         return self._runner.teacher
 
-    @property
-    def step(self) -> int:
-        """Number of ``loss`` / ``on_after_compute_loss`` calls so far (the step schedules are evaluated at)."""
-        return self.engine.step
-
-    @property
-    def epoch(self) -> int:
-        """The current epoch (advanced by ``on_epoch_end``, or set by ``on_epoch_begin(epoch)``)."""
-        return self.engine.epoch
-
     def hparam_values(self) -> dict[str, float]:
-        """The current value of every (possibly scheduled) hyper-parameter; see ``DistillModule.hparam_values``."""
-        return self.engine.hparam_values()
+        """The current value of every (possibly scheduled) hyper-parameter, at :attr:`step` and :attr:`epoch`."""
+        return self.objective.hparam_values(self.step, self.epoch)
+
+    def get_extra_state(self) -> dict[str, int]:
+        """The loop's counters, so a resumed loop continues the schedules where they were."""
+        return {"step": self.step, "epoch": self.epoch}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        """Restore the counters saved by :meth:`get_extra_state`."""
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
 
     # ---------------------------------------------------------------------------------------------------- lifecycle
     def on_train_begin(self, student: nn.Module, *, example_inputs: Any = None, fabric: Any = None) -> None:
@@ -201,26 +193,26 @@ class Distiller(nn.Module):
         else:
             self._device = next(student.parameters(), torch.empty(0)).device
             self._runner.place(self._device)
-        self._runner.set_features((m.teacher, m.teacher_select) for m in self.engine.feature_maps)
-        self.engine.bind(student)
-        self.engine.to(self._device)
-        if any(m.key not in self.engine.projectors for m in self.engine.feature_maps):
-            if example_inputs is None:
-                names = [m.name for m in self.engine.feature_maps if m.key not in self.engine.projectors]
-                raise ValueError(
-                    f"The projectors of feature maps {names} are inferred from the features' shapes, so "
-                    "`on_train_begin` needs `example_inputs` (the inputs part of one batch). HINT: "
-                    "`distiller.on_train_begin(student, example_inputs=next(iter(loader))[0])`, or give each "
-                    "FeatureMap `student_dim=` and `teacher_dim=`."
-                )
-            example_inputs = move_data_to_device(example_inputs, self._device)
-            teacher_features = self._runner.run(example_inputs, self._context()).features
-            self.engine.build_projectors(teacher_features, example_inputs)
-        if self.engine.feature_maps and example_inputs is not None and not self.engine._probed:
+        objective = self.objective
+        self._runner.set_features(objective.teacher_layers())
+        objective.bind(student)
+        objective.to(self._device)
+        if objective.pending and example_inputs is None:
+            raise ValueError(
+                f"The projectors of feature maps {objective.pending} are inferred from the features' shapes, so "
+                "`on_train_begin` needs `example_inputs` (the inputs part of one batch). HINT: "
+                "`distiller.on_train_begin(student, example_inputs=next(iter(loader))[0])`, or give each "
+                "FeatureMap `student_dim=` and `teacher_dim=`."
+            )
+        if objective.feature_maps and example_inputs is not None:
+            inputs = move_data_to_device(example_inputs, self._device)
             # shows which captured layers the forward modifies in place: those are copied when captured
-            self.engine._probe_student(move_data_to_device(example_inputs, self._device))
-        if self.engine.feature_maps:
-            self.engine._student_capture.attach(student)
+            student_features = objective.probe(lambda: call_with_inputs(student, inputs))
+            if objective.pending:
+                teacher_features = self._runner.run(inputs, self._context()).features
+                objective.build_projectors(student_features, teacher_features, self._device)
+        if objective.feature_maps:
+            objective.capture.attach(student)
         self._snapshot = [p.detach().clone() for p in self.parameters() if p.requires_grad] or None
         self._begun = True
 
@@ -229,12 +221,12 @@ class Distiller(nn.Module):
         if epoch is not None:
             if not isinstance(epoch, int) or epoch < 0:
                 raise ValueError(f"`epoch` must be a non-negative int, got {epoch!r}.")
-            self.engine.epoch = epoch
+            self.epoch = epoch
 
     def on_step_begin(self, batch_id: int | None = None) -> None:
         """Start recording the student's features for this step (call it before the student's forward)."""
         self._require_begun("on_step_begin")
-        self.engine._student_capture.start()
+        self.objective.capture.start()
         self._step_open = True
 
     def on_after_optimizer_step(self) -> None:
@@ -244,11 +236,11 @@ class Distiller(nn.Module):
     def on_epoch_end(self) -> None:
         """Advance the epoch, and check that the projectors were updated at least once."""
         self._check_stepped()
-        self.engine.epoch += 1
+        self.epoch += 1
 
     def on_train_end(self) -> None:
         """Remove the hooks this distiller put on the student and the teacher."""
-        self.engine._student_capture.remove()
+        self.objective.capture.remove()
         self._runner.remove_hooks()
         self._begun = False
 
@@ -261,7 +253,8 @@ class Distiller(nn.Module):
         ``on_train_begin``) gets ``decoder_input_ids`` built from it. Feed the student ``inputs`` and pass the same
         ``inputs`` to :meth:`loss`.
         """
-        return self.engine.split_batch(batch)
+        inputs, target = split_batch(batch)
+        return route_inputs(inputs, target, self.objective.root), target
 
     def teacher_outputs(self, inputs: Any) -> TeacherOutputs:
         """Run the teacher on ``inputs`` (moved to its device) without gradient and return its outputs."""
@@ -308,28 +301,27 @@ class Distiller(nn.Module):
         self, inputs: Any, student_output: Any, target: Tensor | None, mask: Tensor | None, task_loss: Tensor | None
     ) -> Tensor:
         self._require_begun("loss")
+        objective = self.objective
         features = None
-        if self.engine.feature_maps:
+        if objective.feature_maps:
             if not self._step_open:
                 raise RuntimeError(
                     "This distiller has feature maps, so call `distiller.on_step_begin()` before the student's forward "
                     "on every step: the student's features are recorded from then until `loss`."
                 )
-            self.engine._student_capture.stop()
+            objective.capture.stop()
             self._step_open = False
-            features = self.engine._student_capture.take()
+            features = objective.capture.take()
         logits = extract_logits(student_output, role="student")
         if isinstance(inputs, Mapping):  # the Trainer path's policy: labels out, decoder inputs in
-            inputs, found = self.engine.split_batch(inputs)
+            inputs, found = self.split_batch(inputs)
             target = found if target is None else target
-        masks = self.engine.token_masks(inputs, target)
-        mask = self.engine.position_mask(masks, logits) if mask is None else mask
+        masks = token_masks(inputs, target, objective.ignore_index, objective.root)
+        mask = logits_mask(masks, logits) if mask is None else mask
         teacher = self.teacher_outputs(inputs)
-        terms = self.engine.compute_loss(
-            logits, teacher, target, mask, student_features=features, task_loss=task_loss, masks=masks
-        )
+        terms = objective(logits, teacher, target, mask, features, task_loss, masks, self.hparam_values())
         self.last_terms = {name: value.detach() for name, value in terms.items()}
-        self.engine.step += 1
+        self.step += 1
         return terms["loss"]
 
     # ------------------------------------------------------------------------------------------------------ checks
@@ -347,11 +339,18 @@ class Distiller(nn.Module):
         if any(not torch.equal(before, p.detach()) for before, p in zip(self._snapshot, current, strict=True)):
             self._snapshot = None  # stepped: nothing more to check
             return
-        if self.engine.step == 0:
+        if self.step == 0:
             return
         names = [name for name, p in self.named_parameters() if p.requires_grad]
         raise RuntimeError(
-            f"The distiller's projector parameters {names} have not changed after {self.engine.step} step(s): they are "
+            f"The distiller's projector parameters {names} have not changed after {self.step} step(s): they are "
             "in no optimizer, so they would never train. HINT: build the optimizer from "
             "`[*student.parameters(), *distiller.parameters()]`."
         )
+
+
+def _rename_engine_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load a state saved before the objective existed (its keys were ``engine.*``; the counters its extra state)."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}engine.")]:
+        rest = key[len(f"{prefix}engine.") :]
+        state_dict[f"{prefix}{'' if rest == '_extra_state' else 'objective.'}{rest}"] = state_dict.pop(key)

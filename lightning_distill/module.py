@@ -1,61 +1,30 @@
-"""DistillModule: the student's LightningModule; owns the loss, its composition and the logging of every term."""
+"""DistillModule: the student's LightningModule; its objective composes the loss, it logs every term."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any
 
-import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_distill._batches import call_with_inputs, example_inputs, extract_logits, next_token_view, split_batch
+from lightning_distill._batches import call_with_inputs, example_inputs, extract_logits, split_batch
+from lightning_distill._contract import TeacherConnection, TeacherNeeds, TeacherRequest
 from lightning_distill._evaluation import evaluate_student
-from lightning_distill._layers import find_layer
-from lightning_distill._positions import (
-    Side,
-    TokenMasks,
-    feature_mask,
-    layer_side,
-    logits_mask,
-    route_inputs,
-    token_masks,
-)
-from lightning_distill._training import (
-    FactoryModule,
-    LRSchedulerFactory,
-    OptimizerFactory,
-    check_optimized,
-)
-from lightning_distill.features._capture import FeatureCapture
-from lightning_distill.features._map import FeatureMap, coerce_feature_maps
-from lightning_distill.features._projectors import (
-    build_projector,
-    match_spatial,
-    projector_from_dims,
-    projector_from_state,
-    resolve_projector,
-)
-from lightning_distill.losses.functional import (
-    Divergence,
-    check_alpha,
-    check_chunk_size,
-    check_divergence,
-    check_js_beta,
-    check_temperature,
-    check_weight,
-    cross_entropy,
-    distillation_loss_terms,
-    feature_loss,
-)
-from lightning_distill.losses.functional._common import _check_ignore_index
-from lightning_distill.losses.functional.topk import topk_distillation_terms
-from lightning_distill.schedules import Schedule, checked_schedule
+from lightning_distill._positions import TokenMasks, logits_mask, route_inputs, token_masks
+from lightning_distill._training import FactoryModule, LRSchedulerFactory, OptimizerFactory, check_optimized
+from lightning_distill.features._map import FeatureMap
+from lightning_distill.features._projectors import projector_from_state
+from lightning_distill.losses.functional import Divergence
+from lightning_distill.objective import DistillationObjective
+from lightning_distill.schedules import Schedule
 from lightning_distill.teacher._runner import TeacherOutputs
 from lightning_distill.teacher._sharding import strategy_kind, unsharded_projectors
+
+__all__ = ["DistillModule"]
 
 
 class DistillModule(FactoryModule):
@@ -67,10 +36,13 @@ class DistillModule(FactoryModule):
         \mathcal{L} = \alpha \, T^2 \, D\big(p_t^{(T)}, p_s^{(T)}\big) + (1 - \alpha)\, \mathrm{CE}(z_s, y)
         + \sum_i w_i \, D_i\big(F_t^{(n_i)}, P_i(F_s^{(m_i)})\big), \qquad p^{(T)} = \mathrm{softmax}(z / T)
 
-    (see :func:`~lightning_distill.losses.functional.distillation_loss` and :class:`~lightning_distill.FeatureMap`).
-    The teacher's outputs come from :class:`~lightning_distill.DistillationCallback`; validation, test and predict
-    run without it. ``alpha``, ``temperature`` and every term weight may be a
-    :class:`~lightning_distill.schedules.Schedule`; scheduled values are logged as ``train/<name>`` every step.
+    composed by its :class:`~lightning_distill.DistillationObjective` (``self.objective``; see
+    :func:`~lightning_distill.losses.functional.distillation_loss` and :class:`~lightning_distill.FeatureMap`).
+    The teacher's outputs come from :class:`~lightning_distill.DistillationCallback` through the teacher contract
+    (:class:`~lightning_distill._contract.TeacherClient`: :meth:`teacher_needs`, :meth:`connect_teacher`,
+    :meth:`teacher_request`, :meth:`set_teacher_outputs`); validation, test and predict run without it.
+    ``alpha``, ``temperature`` and every term weight may be a :class:`~lightning_distill.schedules.Schedule`;
+    scheduled values are logged as ``train/<name>``.
 
     Two ways in: subclass and write ``forward`` (and ``configure_optimizers`` if you like), or wrap a network,
     ``DistillModule(student=net, ...)`` (a Hugging Face model, a torchvision-style CNN, a ``torch.compile``-d
@@ -119,7 +91,7 @@ class DistillModule(FactoryModule):
 
     Example::
 
-        >>> from torch import nn
+        >>> import torch
         >>> module = DistillModule(student=nn.Linear(40, 10), alpha=0.9, temperature=4.0)
         >>> batch = (torch.randn(8, 40), torch.randint(0, 10, (8,)))
         >>> terms = module.compute_loss(module(batch[0]), TeacherOutputs(torch.randn(8, 10)), batch[1])
@@ -156,51 +128,49 @@ class DistillModule(FactoryModule):
         self.student = student
         if example_input_array is not None:
             self.example_input_array = example_input_array
-        self._divergence = check_divergence(divergence)
-        self._ignore_index = _check_ignore_index(ignore_index)
-        self.js_beta = check_js_beta(js_beta)
-        self.kd_chunk_size = check_chunk_size(kd_chunk_size)
-        if not isinstance(shift_labels, bool):
-            raise TypeError(f"`shift_labels` must be True or False, got {shift_labels!r}.")
-        self.shift_labels = shift_labels
-        self.feature_maps = coerce_feature_maps(feature_maps)
-        self.schedules: dict[str, Schedule] = {
-            "alpha": checked_schedule(alpha, "alpha", check_alpha, 0.0, 1.0),
-            "temperature": checked_schedule(
-                temperature, "temperature", check_temperature, 0.0, None, low_inclusive=False
-            ),
-            "tckd_weight": checked_schedule(
-                tckd_weight, "tckd_weight", partial(check_weight, "tckd_weight"), 0.0, None
-            ),
-            "nckd_weight": checked_schedule(
-                nckd_weight, "nckd_weight", partial(check_weight, "nckd_weight"), 0.0, None
-            ),
-        }
-        self.schedules.update({f"weight/{m.name}": m.weight_schedule for m in self.feature_maps})
-        self._scheduled = [name for name, schedule in self.schedules.items() if not schedule.is_constant]
-        self._teacher_outputs: TeacherOutputs | None = None
-        # One projector per feature map, keyed by `FeatureMap.key`; built before the optimizer (`build_projectors`).
-        self.projectors = nn.ModuleDict(
-            {
-                m.key: projector
-                for m in self.feature_maps
-                if (projector := projector_from_dims(m.projector, m.loss, m.student_dim, m.teacher_dim, m.name))
-                is not None
-            }
+        objective = DistillationObjective(
+            alpha=alpha,
+            temperature=temperature,
+            divergence=divergence,
+            ignore_index=ignore_index,
+            feature_maps=feature_maps,
+            tckd_weight=tckd_weight,
+            nckd_weight=nckd_weight,
+            js_beta=js_beta,
+            kd_chunk_size=kd_chunk_size,
+            shift_labels=shift_labels,
         )
-        self._student_capture = FeatureCapture(role="student")
-        for fmap in self.feature_maps:
-            self._student_capture.add(fmap.student, fmap.student_select)
-        self._feature_sides: dict[str, Side] = {}
-        self._probed = False  # whether a dry forward has shown which captured layers are modified in place
+        objective.bind(self if student is None else student)
+        # The objective's only tensors are its projectors: registered here, so checkpoint keys are
+        # `projectors.<key>`; the objective itself is held in a tuple (not a second path to the same weights).
+        self._objective = (objective,)
+        self.projectors = objective.projectors
+        self._teacher: TeacherConnection | None = None
+        self._teacher_outputs: TeacherOutputs | None = None
+        self._split: tuple[Any, Any, Tensor | None] | None = None  # (batch, inputs, target) of the current step
         if type(self) is DistillModule:
             self._save_plain_hyperparameters(
-                {"feature_maps": [m.to_config() for m in self.feature_maps]} if feature_maps is not None else {},
+                {"feature_maps": [m.to_config() for m in objective.feature_maps]} if feature_maps is not None else {},
                 student=student,
                 optimizer=optimizer,
                 lr_scheduler=lr_scheduler,
                 example_input_array=example_input_array,
             )
+
+    @property
+    def objective(self) -> DistillationObjective:
+        """The loss: schedules, feature maps, projectors and the composition of the terms."""
+        return self._objective[0]
+
+    @property
+    def feature_maps(self) -> tuple[FeatureMap, ...]:
+        """The feature maps of the objective."""
+        return self.objective.feature_maps
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """Every hyper-parameter as a schedule, by name (see :meth:`hparam_values`)."""
+        return self.objective.schedules
 
     # ------------------------------------------------------------------------------------------- hyper-parameters
     def hparam_values(self) -> dict[str, float]:
@@ -208,8 +178,7 @@ class DistillModule(FactoryModule):
 
         Keys: ``"alpha"``, ``"temperature"``, ``"tckd_weight"``, ``"nckd_weight"`` and ``"weight/<map name>"``.
         """
-        step, epoch = self.schedule_position()
-        return {name: schedule(step=step, epoch=epoch) for name, schedule in self.schedules.items()}
+        return self.objective.hparam_values(*self.schedule_position())
 
     def schedule_position(self) -> tuple[int, int]:
         """The ``(step, epoch)`` schedules are evaluated at: the Trainer's ``global_step`` and ``current_epoch``."""
@@ -229,14 +198,50 @@ class DistillModule(FactoryModule):
     @property
     def divergence(self) -> Divergence:
         """Name of the divergence of the KD term."""
-        return self._divergence
+        return self.objective.divergence
 
     @property
     def ignore_index(self) -> int:
         """Target value left out of both loss terms and the metrics."""
-        return self._ignore_index
+        return self.objective.ignore_index
 
-    # ----------------------------------------------------------------------------------------------- teacher hand-off
+    @property
+    def shift_labels(self) -> bool:
+        """Whether logits at position t are scored against the target at t + 1 (causal language models)."""
+        return self.objective.shift_labels
+
+    # -------------------------------------------------------------------------------------- the teacher contract
+    def teacher_needs(self) -> TeacherNeeds:
+        """What the teacher must provide for the whole run: the layers the feature maps read, the target rules."""
+        return TeacherNeeds(self.objective.teacher_layers(), self.ignore_index, self.shift_labels)
+
+    def connect_teacher(self, connection: TeacherConnection | None) -> None:
+        """Accept the teacher the callback runs (``None`` forgets it); the loss refuses what it cannot learn from.
+
+        Raises:
+            RuntimeError: If another teacher is connected already (two ``DistillationCallback`` s).
+            ValueError: See :meth:`DistillationObjective.check_teacher
+                <lightning_distill.DistillationObjective.check_teacher>`.
+        """
+        if connection is not None:
+            if self._teacher is not None and self._teacher.run != connection.run:
+                raise RuntimeError(
+                    f"{type(self).__name__} already learns from the teacher of {self._teacher.owner}; "
+                    f"{connection.owner} would replace it silently. HINT: pass several teachers as one "
+                    "`TeacherMixture({'a': teacher_a, 'b': teacher_b})`."
+                )
+            self.objective.check_teacher(connection)
+        self._teacher = connection
+
+    def teacher_request(self, batch: Any) -> TeacherRequest:
+        """What the teacher runs on for ``batch``: its routed inputs (split once a step), target and temperature."""
+        inputs, target = self._split_once(batch)
+        return self._request(inputs, target)
+
+    def _request(self, inputs: Any, target: Tensor | None) -> TeacherRequest:
+        features = bool(self.feature_maps) and self.training
+        return TeacherRequest(inputs, target, self.hparam_values()["temperature"], features)
+
     def set_teacher_outputs(self, outputs: TeacherOutputs | None) -> None:
         """Receive the teacher's outputs for the current batch (``None`` clears them). Called by the callback."""
         if outputs is not None and not isinstance(outputs, TeacherOutputs):
@@ -270,7 +275,8 @@ class DistillModule(FactoryModule):
         The split is :func:`~lightning_distill._batches.split_batch`'s (``(x, y)``, or a dict whose ``labels`` /
         ``label`` / ``y`` / ``target`` entry is the target); the inputs are then what both models receive: for an
         encoder-decoder student without ``decoder_input_ids`` in the batch they are built from the labels. The
-        callback calls this too, so the teacher receives the same inputs. Override it for other batch structures.
+        teacher receives the same inputs (:meth:`teacher_request`); each batch is split once. Override it for other
+        batch structures.
 
         Example::
 
@@ -278,11 +284,17 @@ class DistillModule(FactoryModule):
             ({'input_ids': 1}, 2)
         """
         inputs, target = split_batch(batch)
-        return route_inputs(inputs, target, self._feature_root()), target
+        return route_inputs(inputs, target, self.objective.root), target
+
+    def _split_once(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """:meth:`split_batch`, remembered for the current batch (the teacher's request and the step share it)."""
+        if self._split is None or self._split[0] is not batch:
+            self._split = (batch, *self.split_batch(batch))
+        return self._split[1], self._split[2]
 
     def token_masks(self, inputs: Any, target: Tensor | None) -> TokenMasks:
         """The per-token masks of a batch, by the positions they describe (see :mod:`lightning_distill._positions`)."""
-        return token_masks(inputs, target, self.ignore_index, self._feature_root())
+        return token_masks(inputs, target, self.ignore_index, self.objective.root)
 
     def position_mask(self, masks: TokenMasks, logits: Tensor) -> Tensor | None:
         """The bool mask of the positions of ``logits`` that count, or ``None`` for all of them.
@@ -303,144 +315,25 @@ class DistillModule(FactoryModule):
         task_loss: Tensor | None = None,
         masks: TokenMasks | None = None,
     ) -> dict[str, Tensor]:
-        """Compose the training loss and return every term.
+        """Compose the training loss at the current step and return every term.
 
-        Args:
-            student_logits: The student's logits ``(*, C)``.
-            teacher_outputs: The teacher's outputs for the same batch, or ``None`` (allowed with ``alpha=0`` and no
-                feature maps).
-            target: Class indices ``(*)``, or ``None`` (then ``alpha`` must be 1).
-            mask: Optional bool tensor ``(*)`` of the positions that count in the logit terms.
-            student_features: The captured student features (``training_step`` passes them), keyed by
-                :attr:`FeatureMap.student_key`; needed when there are feature maps.
-            task_loss: A task loss the caller computed itself (the loop API's ``on_after_compute_loss``), used in
-                place of the cross-entropy on ``target``: ``loss = alpha * kd_loss + (1 - alpha) * task_loss + ...``.
-            masks: The batch's per-token masks (:meth:`token_masks`), so feature terms on token features count only
-                real tokens; ``None``: every position counts.
-
-        Returns:
-            ``{"loss", "task_loss", "kd_loss"}`` with a teacher, plus ``"tckd_loss"`` and ``"nckd_loss"`` for
-            ``divergence="dkd"`` and ``"feature_loss/<name>"`` per feature map (unweighted); ``{"loss",
-            "task_loss"}`` without one.
-
-        Raises:
-            RuntimeError: Without teacher outputs while ``alpha > 0`` or with feature maps, or without
-                ``student_features`` while there are feature maps.
+        See :meth:`DistillationObjective.forward <lightning_distill.DistillationObjective.forward>`, which takes the
+        same arguments.
         """
-        values = self.hparam_values()
-        if self.shift_labels:
-            student_logits, target, mask = next_token_view(student_logits, target, mask)
-        if teacher_outputs is None:
-            if values["alpha"] > 0.0 or self.feature_maps:
-                what = f"alpha={values['alpha']}" if values["alpha"] > 0.0 else f"{len(self.feature_maps)} feature maps"
-                raise RuntimeError(
-                    f"{type(self).__name__} has {what} but received no teacher outputs. HINT: add the teacher to the "
-                    "Trainer: `Trainer(callbacks=[DistillationCallback(teacher=...)])`, or pass `alpha=0.0` (and no "
-                    "feature maps) to train the student alone."
-                )
-            if task_loss is not None:
-                return {"loss": task_loss, "task_loss": task_loss}
-            if target is None:
-                raise ValueError("Training without a teacher needs labels, but the batch has no target.")
-            task = cross_entropy(student_logits, target, mask=mask, ignore_index=self.ignore_index)
-            return {"loss": task, "task_loss": task}
-        if teacher_outputs.topk is not None:
-            terms = topk_distillation_terms(
-                student_logits,
-                teacher_outputs.topk,
-                target,
-                mask,
-                self.ignore_index,
-                values["alpha"],
-                values["temperature"],
-                self.divergence,
-            )
-        else:
-            teacher_logits = teacher_outputs.logits
-            terms = distillation_loss_terms(
-                student_logits,
-                next_token_view(teacher_logits, None, None)[0] if self.shift_labels else teacher_logits,
-                target,
-                alpha=values["alpha"] if task_loss is None else 1.0,  # with a given task loss: only the KD term here
-                temperature=values["temperature"],
-                divergence=self.divergence,
-                mask=mask,
-                ignore_index=self.ignore_index,
-                tckd_weight=values["tckd_weight"],
-                nckd_weight=values["nckd_weight"],
-                js_beta=self.js_beta,
-                chunk_size=self.kd_chunk_size,
-            )
-        if task_loss is not None:
-            terms["task_loss"] = task_loss
-            terms["loss"] = values["alpha"] * terms["kd_loss"] + (1.0 - values["alpha"]) * task_loss
-        if self.feature_maps:
-            if student_features is None:
-                raise RuntimeError(
-                    f"{type(self).__name__} has feature maps, so `compute_loss` needs `student_features` (the "
-                    "outputs `training_step` captures from the student's layers)."
-                )
-            loss = terms["loss"]
-            for fmap in self.feature_maps:
-                term = self.feature_term(fmap, student_features, teacher_outputs.features, masks)
-                terms[f"feature_loss/{fmap.name}"] = term
-                loss = loss + values[f"weight/{fmap.name}"] * term
-            terms["loss"] = loss
-        return terms
-
-    def feature_term(
-        self,
-        fmap: FeatureMap,
-        student_features: Mapping[str, Tensor],
-        teacher_features: Mapping[str, Tensor],
-        masks: TokenMasks | None = None,
-    ) -> Tensor:
-        """The unweighted loss of one feature map: spatial pooling (channel-first maps), projector, feature loss.
-
-        With ``masks``, token features ``(B, L, D)`` count only the real tokens of their positions (the student
-        layer's side: an encoder-decoder's decoder layers use the decoder mask), unless ``fmap.masked`` is false.
-        """
-        for side, features, key in (
-            ("student", student_features, fmap.student_key),
-            ("teacher", teacher_features, fmap.teacher_key),
-        ):
-            if key not in features:
-                raise RuntimeError(
-                    f"Feature map {fmap.name!r}: no {side} feature {key!r} was captured (captured: {list(features)}). "
-                    "HINT: the DistillationCallback captures the teacher's features for the module it was set up "
-                    "with; `training_step` captures the student's."
-                )
-        if fmap.key not in self.projectors:
-            raise RuntimeError(
-                f"Feature map {fmap.name!r} has no projector yet. HINT: projectors are built in setup by "
-                "DistillationCallback from `example_input_array`; outside a Trainer, call `build_projectors(...)`."
-            )
-        projector = self.projectors[fmap.key]
-        student, teacher = student_features[fmap.student_key], teacher_features[fmap.teacher_key]
-        if not isinstance(projector, nn.Linear):
-            student, teacher = match_spatial(student, teacher)
-        mask = None
-        if masks is not None and fmap.masked:
-            mask = feature_mask(masks, self._feature_side(fmap), teacher, f"Feature map {fmap.name!r}")
-        return feature_loss(projector(student), teacher, loss=fmap.loss, mask=mask)
-
-    def _feature_side(self, fmap: FeatureMap) -> Side:
-        """Which positions the student layer of ``fmap`` has (looked up once per map)."""
-        if fmap.name not in self._feature_sides:
-            root = self._feature_root()
-            self._feature_sides[fmap.name] = layer_side(root, find_layer(root, fmap.student, role="student"))
-        return self._feature_sides[fmap.name]
+        return self.objective(
+            student_logits, teacher_outputs, target, mask, student_features, task_loss, masks, self.hparam_values()
+        )
 
     # ------------------------------------------------------------------------------------------------ projectors
     def build_projectors(self, teacher_features: Mapping[str, Tensor] | None, example_inputs: Any = None) -> None:
         """Create the projector of every feature map that has none yet, from the features' shapes, and check all maps.
 
         The student's shapes come from one dry forward (eval mode, no gradient, train/eval modes restored) on
-        ``example_inputs`` (default: ``example_input_array``); the teacher's from ``teacher_features``, which
-        :class:`~lightning_distill.DistillationCallback` computes on the same inputs in ``setup`` (the first
-        training batch when no ``example_input_array`` is set), before the optimizer is built. Every map's loss is
-        then evaluated once on these features, so a shape that no projector can fix fails here rather than at the
-        first step; the dry forward also shows which captured layers are modified in place later in the forward.
+        ``example_inputs`` (default: ``example_input_array``); the teacher's from ``teacher_features``: in
+        ``setup("fit")`` the module asks its connected teacher for them, on the same inputs (the first training batch
+        when no ``example_input_array`` is set), before the optimizer is built. Every map's loss is then evaluated
+        once on these features, so a shape that no projector can fix fails here rather than at the first step; the
+        dry forward also shows which captured layers are modified in place later in the forward.
 
         Args:
             teacher_features: The teacher's features on the same inputs, keyed by :attr:`FeatureMap.teacher_key`.
@@ -450,91 +343,70 @@ class DistillModule(FactoryModule):
             RuntimeError: Without example inputs or ``teacher_features`` while a projector is missing.
             ValueError: If a projector kind cannot match the two shapes, or a given width disagrees with them.
         """
-        pending = [m for m in self.feature_maps if m.key not in self.projectors]
+        pending = self.objective.pending
         example_inputs = self.example_input_array if example_inputs is None else example_inputs
         if not pending and (teacher_features is None or example_inputs is None):
             return
-        names = [m.name for m in pending]
         if example_inputs is None:
             raise RuntimeError(
-                f"The projectors of feature maps {names} need the features' shapes, inferred from one dry forward on "
-                f"`example_input_array`, which {type(self).__name__} does not set. HINT: inside `Trainer.fit` the "
+                f"The projectors of feature maps {pending} need the features' shapes, inferred from one dry forward "
+                f"on `example_input_array`, which {type(self).__name__} does not set. HINT: inside `Trainer.fit` the "
                 "first training batch is used; outside it pass `example_input_array=` (the inputs part of one "
                 "batch), or give each FeatureMap `student_dim=`, `teacher_dim=` and a projector other than 'auto'."
             )
         if teacher_features is None:
             raise RuntimeError(
-                f"The projectors of feature maps {names} need the teacher's feature shapes. HINT: add "
+                f"The projectors of feature maps {pending} need the teacher's feature shapes. HINT: add "
                 "`DistillationCallback(teacher=...)` to the Trainer (it provides them in setup)."
             )
         student_features = self._probe_student(example_inputs)
-        for fmap in self.feature_maps:
-            where = f"Feature map {fmap.name!r}"
-            s_shape = tuple(student_features[fmap.student_key].shape)
-            t_shape = tuple(teacher_features[fmap.teacher_key].shape)
-            if fmap not in pending:
-                if fmap.projector == "identity" and fmap.loss != "attention":
-                    resolve_projector(fmap.projector, s_shape, t_shape, where)  # refuses shapes it cannot match
-                continue
-            kind = (
-                "identity" if fmap.loss == "attention" else resolve_projector(fmap.projector, s_shape, t_shape, where)
-            )
-            s_dim, t_dim = (s_shape[-1], t_shape[-1]) if kind == "linear" else (s_shape[1], t_shape[1])
-            for side, given, found in (
-                ("student_dim", fmap.student_dim, s_dim),
-                ("teacher_dim", fmap.teacher_dim, t_dim),
-            ):
-                if given is not None and given != found:
-                    raise ValueError(f"{where}: `{side}={given}` but the probed feature has width {found}.")
-            self.projectors[fmap.key] = build_projector(kind, s_dim, t_dim).to(self.device)
-        with torch.no_grad():
-            for fmap in self.feature_maps:
-                self.feature_term(fmap, student_features, teacher_features)
+        self.objective.build_projectors(student_features, teacher_features, self.device)
 
     def _probe_student(self, example_inputs: Any) -> dict[str, Tensor]:
         """Run the student once on ``example_inputs`` and return the requested features (for their shapes)."""
-        root = self._feature_root()  # the loop API's student is not a submodule: its modes are kept too
-        modes = {module: module.training for module in (*self.modules(), *root.modules())}
-        attached = self._student_capture.attached
-        self._student_capture.attach(root)
+        inputs = move_data_to_device(example_inputs, self.device)
+        modes = {module: module.training for module in self.modules()}
         self.eval()
-        root.eval()
         try:
-            with torch.no_grad(), self._student_capture.recording():
-                call_with_inputs(self, move_data_to_device(example_inputs, self.device))
-            self._probed = True
-            return self._student_capture.take(learn=True)  # in-place modified layers are copied from now on
+            return self.objective.probe(lambda: call_with_inputs(self, inputs))
         finally:
             for module, training in modes.items():
                 module.training = training
-            if not attached:
-                self._student_capture.remove()
-
-    def _feature_root(self) -> nn.Module:
-        """The model whose layers feature maps name: the wrapped ``student``, or this module when subclassing."""
-        return self if self.student is None else self.student
 
     @override
     def setup(self, stage: str) -> None:
-        """Attach the forward hooks that capture the student's features (when there are feature maps).
+        """With feature maps, attach the student's capture hooks; before fitting, build the projectors first.
 
-        Before fitting, every projector must exist (``DistillationCallback.setup`` builds them, and runs first), and
-        one dry forward on the first batch shows which captured layers the forward later modifies in place
-        (``ReLU(inplace=True)``, ``x += skip``): their outputs are copied when captured.
+        A fit with a teacher that cannot change the student (``alpha=0`` and no feature maps) warns.
+
+        The connected teacher (:meth:`connect_teacher`, done by the callback's ``setup``, which Lightning runs before
+        the module's) is run once on ``example_input_array`` or the first training batch for its features' shapes;
+        one dry forward of the student on the same inputs shows which captured layers the forward later modifies in
+        place (``ReLU(inplace=True)``, ``x += skip``): their outputs are copied when captured.
         """
-        if self.feature_maps:
-            pending = any(m.key not in self.projectors for m in self.feature_maps)
-            if stage == "fit" and (pending or not self._probed):  # the callback's setup usually did both already
-                example = example_inputs(self.trainer, self)
-                self.build_projectors(None, example)  # a no-op when built; otherwise raises naming what is missing
-                if not self._probed and example is not None:
-                    self._probe_student(example)
-            self._student_capture.attach(self._feature_root())
+        if stage == "fit" and self._teacher is not None and not self.objective.needs_teacher:
+            rank_zero_warn(
+                f"{type(self).__name__} has alpha=0.0 and no feature maps, so the teacher runs on every training "
+                "batch but does not change the student. HINT: remove DistillationCallback to train the student alone."
+            )
+        if not self.feature_maps:
+            return
+        if stage == "fit" and (self.objective.pending or not self.objective.probed):
+            example = example_inputs(self.trainer, self)
+            teacher_features = None
+            if example is not None and self._teacher is not None:
+                inputs = move_data_to_device(example, self.trainer.strategy.root_device)
+                request = TeacherRequest(inputs, None, self.hparam_values()["temperature"], features=True)
+                teacher_features = self._teacher.run(request).features
+            self.build_projectors(teacher_features, example)  # raises naming what is missing when it cannot
+            if not self.objective.probed and example is not None:
+                self._probe_student(example)
+        self.objective.capture.attach(self.objective.root)
 
     @override
     def teardown(self, stage: str) -> None:
         """Remove the student's feature hooks."""
-        self._student_capture.remove()
+        self.objective.capture.remove()
 
     @override
     def on_fit_start(self) -> None:
@@ -543,7 +415,7 @@ class DistillModule(FactoryModule):
         Under ``ModelParallelStrategy`` also check that ``configure_model`` sharded the projectors: nothing else
         synchronizes their gradients across processes.
         """
-        if self.projectors and self._trainer is not None:
+        if len(self.projectors) and self._trainer is not None:
             unsharded = unsharded_projectors(self)
             if unsharded and strategy_kind(self.trainer.strategy) == "model_parallel":
                 raise RuntimeError(
@@ -585,9 +457,9 @@ class DistillModule(FactoryModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms, batch_size = self._step_terms(batch, self._teacher_outputs)
         self.log_train_terms(terms, batch_size=batch_size)
-        if self._scheduled:  # the same on every process: never synchronized
+        if self.objective.scheduled:  # the same on every process: never synchronized
             values = self.hparam_values()
-            self.log_dict({f"train/{name}": values[name] for name in self._scheduled}, batch_size=batch_size)
+            self.log_train_values({name: values[name] for name in self.objective.scheduled}, batch_size=batch_size)
         return terms["loss"]
 
     def loss_terms(self, batch: Any, teacher_outputs: TeacherOutputs | None) -> dict[str, Tensor]:
@@ -600,15 +472,14 @@ class DistillModule(FactoryModule):
         return self._step_terms(batch, teacher_outputs)[0]
 
     def _step_terms(self, batch: Any, teacher_outputs: TeacherOutputs | None) -> tuple[dict[str, Tensor], int]:
-        inputs, target = self.split_batch(batch)
-        features = None
-        if self.feature_maps:
-            self._student_capture.attach(self._feature_root())
-            with self._student_capture.recording():
-                logits = self.student_logits(inputs)
-            features = self._student_capture.take()
-        else:
+        inputs, target = self._split_once(batch)
+        self._split = None  # nothing of the batch is kept past its step
+        if teacher_outputs is None and self._teacher is not None and self.objective.needs_teacher:
+            # no callback hook ran for this batch (the Tuner's searches swap the Trainer's callbacks): ask directly
+            teacher_outputs = self._teacher.run(self._request(inputs, target))
+        with self.objective.recording():
             logits = self.student_logits(inputs)
+        features = self.objective.capture.take() if self.feature_maps else None
         masks = self.token_masks(inputs, target)
         mask = self.position_mask(masks, logits)
         return self.compute_loss(logits, teacher_outputs, target, mask, features, masks=masks), logits.shape[0]
@@ -622,7 +493,9 @@ class DistillModule(FactoryModule):
     @override
     def _evaluate(self, stage: str, batch: Any, dataloader_idx: int) -> None:
         """Log ``{stage}/loss`` and ``{stage}/acc``; with teacher outputs also teacher accuracy, agreement, KD loss."""
-        evaluate_student(self, stage, batch, dataloader_idx)
+        inputs, target = self._split_once(batch)
+        self._split = None
+        evaluate_student(self, stage, inputs, target, dataloader_idx)
 
     # ------------------------------------------------------------------------------------------------------- export
     def export_student(self) -> nn.Module:
@@ -632,22 +505,24 @@ class DistillModule(FactoryModule):
         compile the copy again if you like); for a subclass it is a copy of the module detached from its Trainer,
         without projectors, feature maps or feature hooks (its ``forward`` still works on its own).
         """
-        attached = self._student_capture.attached
-        self._student_capture.remove()  # hooks must not be copied along with the layers they sit on
+        capture = self.objective.capture
+        attached = capture.attached
+        capture.remove()  # hooks must not be copied along with the layers they sit on
         try:
             if self.student is not None:
                 return copy.deepcopy(self.student).eval()
-            trainer = self._trainer
-            self.trainer = None
+            trainer, teacher = self._trainer, self._teacher
+            self.trainer, self._teacher = None, None
             try:
                 exported = copy.deepcopy(self)
             finally:
-                self.trainer = trainer
+                self.trainer, self._teacher = trainer, teacher
         finally:
             if attached:
-                self._student_capture.attach(self._feature_root())
+                capture.attach(self.objective.root)
         exported.set_teacher_outputs(None)
-        exported.projectors = nn.ModuleDict()
-        exported.feature_maps = ()
-        exported._student_capture = FeatureCapture(role="student")
+        bare = DistillationObjective(alpha=0.0)
+        bare.bind(exported)
+        exported._objective = (bare,)
+        exported.projectors = bare.projectors
         return exported.eval()

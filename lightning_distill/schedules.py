@@ -4,6 +4,11 @@ A schedule is a small immutable (frozen, hashable, picklable) dataclass. ``unit=
 ``trainer.current_epoch`` (completed epochs), ``unit="step"`` reads ``trainer.global_step`` (optimizer steps).
 Every schedule here is monotone between its two endpoints, so :meth:`Schedule.bounds` is exact.
 
+Values are validated once, when a schedule is built (its fields in ``__post_init__``, its range by
+:func:`check_schedule`); being immutable, a schedule changes only by building another one
+(``dataclasses.replace``), which validates again. Evaluating a schedule on a training step checks nothing more
+than that the counter is not negative, and a :class:`Constant` returns its value at once.
+
 Example::
 
     >>> s = as_schedule({"type": "linear_warmup", "value": 1.0, "warmup": 4}, "alpha")
@@ -125,6 +130,10 @@ class Constant(Schedule):
     value: float
     config_type: ClassVar[str] = "constant"
     _floats: ClassVar[tuple[str, ...]] = ("value",)
+
+    def __call__(self, *, step: int, epoch: int) -> float:
+        """Return the constant, whatever the counters (validated when built; nothing is checked per step)."""
+        return self.value
 
     def value_at(self, t: int) -> float:
         """Return the constant."""

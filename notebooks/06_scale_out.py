@@ -11,9 +11,9 @@
 # Under every strategy the callback keeps the teacher out of the student's strategy wrapper, optimizer and
 # checkpoint. This notebook runs a 2-process DDP fit on CPU from the notebook itself and checks on each rank that the
 # teacher was never wrapped and that both ranks end with the same student; then it runs the teacher under
-# `bf16-mixed` and with its own precision (`teacher_precision="bf16"`), shows when the teacher is replicated or
-# sharded (`teacher_sharding`), and the refusals for combinations that cannot work. The README's "Strategies and
-# precision" table lists every strategy (FSDP, DeepSpeed, ...).
+# `bf16-mixed` and with its own precision (`TeacherRunner(teacher, precision="bf16")`), shows when the teacher is
+# replicated or sharded (`TeacherRunner(teacher, sharding=...)`), and the refusals for combinations that cannot work.
+# The README's "Strategies and precision" table lists every strategy (FSDP, DeepSpeed, ...).
 
 # %%
 import copy
@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_distill import DistillationCallback, DistillModule
+from lightning_distill import DistillationCallback, DistillModule, TeacherRunner
 from lightning_distill.demos import MLPStudent, MNIST1DDataModule, MNIST1DTeacher
 from lightning_distill.demos.loggers import logged_trainer, read_metric, where_logs_are
 from lightning_distill.teacher._sharding import AUTO_SHARD_BYTES, module_bytes, resolve_sharding
@@ -39,7 +39,8 @@ OUTPUT = Path("notebook_output") / "06_scale_out"
 OUTPUT.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)  # one thread per process: two DDP processes share the two cores of a small machine
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # hide the Trainer's start-up banner
-warnings.filterwarnings("ignore", message=".*(LeafSpec|log_every_n_steps|num_workers).*")  # version, tiny data
+# torch deprecating APIs Lightning calls (LeafSpec, the all_gather of `strategy.all_gather`), and tiny data
+warnings.filterwarnings("ignore", message=".*(LeafSpec|all_gather is deprecated|log_every_n_steps|num_workers).*")
 
 NUM_TRAIN = 800 if QUICK else None  # None: all 4000 training samples
 EPOCHS = 1 if QUICK else 5
@@ -122,7 +123,7 @@ class RankReport(L.Callback):
                 for p in group["params"]
                 for q in teacher.parameters()
             ),
-            "teacher_sharded": self.teacher_callback.teacher_sharded,  # what teacher_sharding="auto" chose
+            "teacher_sharded": self.teacher_callback.teacher_sharded,  # what the default sharding="auto" chose
             "student_checksum": weights.double().sum().item(),
             "student_equal_on_all_ranks": bool(
                 torch.equal(*trainer.strategy.all_gather(weights).unbind(0))  # rank 0's copy == rank 1's copy
@@ -154,26 +155,26 @@ assert reports[0]["student_checksum"] == reports[1]["student_checksum"]
 # Each rank runs its own frozen replica of the teacher on its own batch: the teacher has no gradients, so there is
 # nothing to synchronize and no `find_unused_parameters` to set. Logged metrics are averaged over the ranks with
 # `DistillModule(sync_dist=True)`. A teacher too big for one replica per rank is sharded under FSDP
-# (`teacher_sharding="shard"`, README "Strategies and precision").
+# (`TeacherRunner(teacher, sharding="shard")`, README "Strategies and precision").
 #
 # ## Precision: the Trainer's, or the teacher's own
 #
 # Under `precision="bf16-mixed"` the teacher runs inside the Trainer's autocast, like the student. With
-# `teacher_precision="bf16"` its weights are stored in bfloat16 (half the memory) and it runs outside autocast, for a
-# float32 student. Either way the KD loss is computed in float32. A forward hook on the teacher's head records the
-# dtype of its logits.
+# `TeacherRunner(teacher, precision="bf16")` its weights are stored in bfloat16 (half the memory) and it runs outside
+# autocast, for a float32 student. Either way the KD loss is computed in float32. A forward hook on the teacher's head
+# records the dtype of its logits.
 
 # %%
 runs = {}
-for name, trainer_kwargs, callback_kwargs in (
+for name, trainer_kwargs, runner_kwargs in (
     ("32-true", {}, {}),
     ("bf16-mixed", {"precision": "bf16-mixed"}, {}),
-    ("teacher bf16", {}, {"teacher_precision": "bf16"}),
+    ("teacher bf16", {}, {"precision": "bf16"}),
 ):
     seen: list[torch.dtype] = []
-    run_teacher = copy.deepcopy(teacher)  # teacher_precision="bf16" converts the weights of the one it is given
+    run_teacher = copy.deepcopy(teacher)  # precision="bf16" converts the weights of the one it is given
     run_teacher.head.register_forward_hook(lambda module, args, output, seen=seen: seen.append(output.dtype))
-    run_callback = DistillationCallback(run_teacher, **callback_kwargs)
+    run_callback = DistillationCallback(TeacherRunner(run_teacher, **runner_kwargs))
     run = trainer(name.replace(" ", "_"), [run_callback], devices=1, **trainer_kwargs)
     run.fit(student_module(), datamodule=datamodule())
     kd_loss = read_metric(run.log_dir, "train/kd_loss")
@@ -202,15 +203,17 @@ fig.savefig(OUTPUT / "precision.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# ## Replicate or shard: what `teacher_sharding="auto"` decides
+# ## Replicate or shard: what `sharding="auto"` decides
 #
 # A full teacher replica per process is the simplest and fastest choice while the teacher fits. Under the FSDP family
 # (`strategy="fsdp"`, `ModelParallelStrategy`) it can instead be sharded across the processes with FSDP2, each unit
-# gathered only for its forward. `teacher_sharding="auto"` (the default) shards there from 1 GiB of teacher weights
-# and replicates everywhere else; `"replicate"` and `"shard"` force a choice, and `"shard"` is refused where nothing
-# can shard. The decision is a pure function of the option, the strategy's kind and the teacher's bytes, so the
-# table below is what `DistillationCallback.setup` would decide (the 2-process FSDP2 run itself is in the test suite
-# and in `benchmarks/sharding.py`: half the teacher's bytes per rank).
+# gathered only for its forward. `TeacherRunner(teacher, sharding="auto")` (the default) shards there from 1 GiB of
+# teacher weights and replicates everywhere else; `"replicate"` and `"shard"` force a choice, and `"shard"` is refused
+# where nothing can shard. The decision is a pure function of the option, the strategy's kind and the teacher's bytes,
+# so the table below is what `DistillationCallback.setup` would decide (the 2-process FSDP2 run itself is in the test
+# suite and in `benchmarks/sharding.py`: half the teacher's bytes per rank). `resolve_sharding`, `module_bytes` and
+# `AUTO_SHARD_BYTES` are the library's internals (`lightning_distill.teacher._sharding`, imported above to show the
+# rule), not its API: a program only chooses the option.
 
 # %%
 small, large = module_bytes(teacher), 4 << 30  # this teacher (~27 KB) and a 4 GiB one
@@ -239,16 +242,16 @@ assert AUTO_SHARD_BYTES == 1 << 30
 # %% [markdown]
 # ## Combinations that cannot work are refused, with the reason
 #
-# Some are caught when the callback is built: an unknown option, or a sharded teacher that should also stay on one
-# `teacher_device`.
+# Some are caught when the `TeacherRunner` is built: an unknown option, or a sharded teacher that should also stay on
+# one `device`.
 
 # %%
 for name, kwargs in (
-    ("an unknown option", {"teacher_sharding": "half"}),
-    ("shard and a teacher_device", {"teacher_sharding": "shard", "teacher_device": "cpu"}),
+    ("an unknown option", {"sharding": "half"}),
+    ("shard and a device", {"sharding": "shard", "device": "cpu"}),
 ):
     try:
-        DistillationCallback(teacher, **kwargs)
+        DistillationCallback(TeacherRunner(teacher, **kwargs))
     except ValueError as error:
         print(f"{name}: ValueError: {error}\n")
     else:
@@ -259,12 +262,12 @@ for name, kwargs in (
 # that does not shard (with the strategy's name and the fix), and a device this machine does not have.
 
 # %%
-for name, callback, expected in (
-    ("shard under a single device", DistillationCallback(teacher, teacher_sharding="shard"), "SingleDeviceStrategy"),
-    ("a device that is not here", DistillationCallback(teacher, teacher_device="cuda:3"), "cuda:3"),
+for name, runner, expected in (
+    ("shard under a single device", TeacherRunner(teacher, sharding="shard"), "SingleDeviceStrategy"),
+    ("a device that is not here", TeacherRunner(teacher, device="cuda:3"), "cuda:3"),
 ):
     try:
-        trainer("refused", [callback], devices=1).fit(student_module(), datamodule=datamodule())
+        trainer("refused", [DistillationCallback(runner)], devices=1).fit(student_module(), datamodule=datamodule())
     except (ValueError, RuntimeError) as error:
         print(f"{name}: {type(error).__name__}: {error}\n")
         assert expected in str(error)

@@ -31,10 +31,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_distill import DistillationCallback, DistillModule, TeacherOutputs
+from lightning_distill import DistillationCallback, DistillModule, TeacherMixture, TeacherOutputs
 from lightning_distill.demos import MarkovDataset, MarkovLanguage, TinyCausalLM
 from lightning_distill.demos.loggers import logged_trainer, read_metric, where_logs_are
-from lightning_distill.teacher import TeacherMixture
 
 QUICK = os.environ.get("LIGHTNING_DISTILL_QUICK") == "1"  # the test suite's small-run switch
 OUTPUT = Path("notebook_output") / "08_sequence_kd"
@@ -190,14 +189,14 @@ print(where_logs_are(runs["distilled, kl"].loggers))
 # %% [markdown]
 # ## A mixture of two teachers
 #
-# `DistillationCallback(teachers={...}, weights={...})` runs every teacher (each frozen and placed like a single one)
-# and hands the module the logits of their weighted mixture at the module's temperature,
+# `DistillationCallback(TeacherMixture({...}, weights={...}))` runs every teacher (each frozen and placed like a single
+# one) and hands the module the logits of their weighted mixture at the module's temperature,
 # $z_\mathrm{mix} = T \log \sum_k w_k \,\mathrm{softmax}(z_k / T)$, so every divergence on probabilities targets
 # exactly the mixture. Here the big teacher gets weight 0.7 and the small one 0.3.
 
 # %%
 WEIGHTS = {"big": 0.7, "small": 0.3}
-mixture = TeacherMixture({"big": teacher, "small": small_teacher}, weights=WEIGHTS)  # what the callback builds
+mixture = TeacherMixture({"big": teacher, "small": small_teacher}, weights=WEIGHTS)  # what each callback below runs
 batch = next(iter(DataLoader(held_out, batch_size=8)))
 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 with torch.no_grad():
@@ -207,7 +206,7 @@ print(f"held-out perplexity of the mixture itself: {perplexity(mixture):.2f}")
 
 ppl["distilled, mixture 0.7/0.3"] = []
 for seed in SEEDS:
-    callback = DistillationCallback(teachers={"big": teacher, "small": small_teacher}, weights=WEIGHTS)
+    callback = DistillationCallback(TeacherMixture({"big": teacher, "small": small_teacher}, weights=WEIGHTS))
     module, run = fit_lm(f"mixture_seed{seed}", student, student_data, STUDENT_EPOCHS, callback, seed)
     ppl["distilled, mixture 0.7/0.3"].append(perplexity(module.export_student()))
     runs.setdefault("distilled, mixture 0.7/0.3", run)
@@ -357,5 +356,5 @@ assert "class counts differ (64 vs 80); nothing is truncated" in str(mismatch)
 #   loss terms and in the metrics (`val/acc`, `val/agreement` and `val/kd_loss` are per token).
 # - `divergence="kl"`, `"reverse_kl"` or `"js"` (with `js_beta`) picks the KD term; `kd_chunk_size` bounds its memory
 #   without changing the loss.
-# - `DistillationCallback(teachers=..., weights=...)` distills from a weighted mixture of teachers that share a
-#   vocabulary.
+# - `DistillationCallback(TeacherMixture({...}, weights={...}))` distills from a weighted mixture of teachers that
+#   share a vocabulary.

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_distill import DistillationCallback, DistillModule
+from lightning_distill import DistillationCallback, DistillModule, TeacherRunner
 from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, tiny_student
 
 
@@ -38,27 +38,27 @@ def test_class_count_mismatch_names_both_shapes(tmp_path):
 
 def test_unknown_logits_layer_lists_the_closest_names():
     with pytest.raises(ValueError, match=r"no layer named 'haed'.*'head'"):
-        DistillationCallback(TinyTeacher(), logits_layer="haed")
+        DistillationCallback(TeacherRunner(TinyTeacher(), logits_layer="haed"))
 
 
 def test_missing_teacher_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.ckpt"):
-        DistillationCallback(TinyTeacher(), teacher_checkpoint=tmp_path / "nope.ckpt")
+        DistillationCallback(TeacherRunner(TinyTeacher(), checkpoint=tmp_path / "nope.ckpt"))
 
 
 def test_mismatched_teacher_checkpoint_lists_keys_and_shapes(tmp_path):
     torch.save(TinyTeacher(num_classes=7).state_dict(), tmp_path / "t.pt")
     with pytest.raises(ValueError, match=r"does not match.*head\.weight: checkpoint \(7, 16\) vs teacher \(4, 16\)"):
-        DistillationCallback(TinyTeacher(), teacher_checkpoint=tmp_path / "t.pt")
+        DistillationCallback(TeacherRunner(TinyTeacher(), checkpoint=tmp_path / "t.pt"))
     torch.save({"other.weight": torch.zeros(1)}, tmp_path / "u.pt")
     with pytest.raises(ValueError, match=r"missing keys \['body.0.bias'.*unexpected keys \['other.weight'\]"):
-        DistillationCallback(TinyTeacher(), teacher_checkpoint=tmp_path / "u.pt")
+        DistillationCallback(TeacherRunner(TinyTeacher(), checkpoint=tmp_path / "u.pt"))
 
 
 def test_teacher_checkpoint_that_is_not_a_state_dict(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="holds no state dict"):
-        DistillationCallback(TinyTeacher(), teacher_checkpoint=tmp_path / "list.pt")
+        DistillationCallback(TeacherRunner(TinyTeacher(), checkpoint=tmp_path / "list.pt"))
 
 
 def test_teacher_checkpoint_loads_plain_and_lightning_files(tmp_path):
@@ -66,7 +66,7 @@ def test_teacher_checkpoint_loads_plain_and_lightning_files(tmp_path):
     torch.save(source.state_dict(), tmp_path / "plain.pt")
     torch.save({"state_dict": {f"net.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, tmp_path / "l.ckpt")
     for name in ("plain.pt", "l.ckpt"):
-        teacher = DistillationCallback(TinyTeacher(), teacher_checkpoint=tmp_path / name).teacher
+        teacher = DistillationCallback(TeacherRunner(TinyTeacher(), checkpoint=tmp_path / name)).teacher
         for a, b in zip(teacher.state_dict().values(), source.state_dict().values(), strict=True):
             assert torch.equal(a, b)
 
@@ -104,7 +104,8 @@ def test_data_parallel_teacher_is_refused():
 
 
 def test_teacher_must_be_a_module():
-    with pytest.raises(TypeError, match=r"`teacher` must be a torch\.nn\.Module, got dict"):
+    match = r"`teacher` must be a torch\.nn\.Module or a TeacherRunner, got dict\. HINT: `DistillationCallback\(my_"
+    with pytest.raises(TypeError, match=match):
         DistillationCallback({"weights": 1})  # type: ignore[arg-type]
 
 
@@ -141,8 +142,9 @@ def test_callback_flags_must_be_bools(name):
 
 
 def test_teacher_checkpoint_must_be_a_path():
-    with pytest.raises(TypeError, match=r"`teacher_checkpoint` must be a path \(str or Path\), got dict"):
-        DistillationCallback(TinyTeacher(), teacher_checkpoint={"weight": 1})  # type: ignore[arg-type]
+    match = r"`checkpoint` must be a path \(str or Path\), got dict\. HINT: `TeacherRunner\(teacher, checkpoint="
+    with pytest.raises(TypeError, match=match):
+        DistillationCallback(TeacherRunner(TinyTeacher(), checkpoint={"weight": 1}))  # type: ignore[arg-type]
 
 
 def test_optimizer_instance_instead_of_factory_is_refused():

@@ -22,11 +22,18 @@ def assert_plotted(out: str, path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_overhead_quick_runs_and_prints_the_table() -> None:
-    out = run_quick("overhead.py", "--threads", "1")
-    assert "| variant | median step ms | median epoch s | peak RSS MB (Δ fit) |" in out
+def test_overhead_quick_runs_and_prints_the_three_figures() -> None:
+    out = run_quick("overhead.py")
+    assert "| figure | ratio | per-round p25-p75 | best rounds | target | verdict |" in out
+    for figure in ("(a) plugin / hand-written Lightning KD", "(b) full teacher cache / student alone", "(c) 1 feature"):
+        assert f"| {figure}" in out
+    assert "| variant | median step ms [p25-p75] | median epoch s | peak RSS MB (Δ fit) |" in out
     for label in ("plain PyTorch loop", "hand-written LightningModule", "DistillModule + DistillationCallback"):
+        assert f"| {label}" in out
+    for label in ("student alone", "full TeacherCache", "logit KD + 1 feature map"):
         assert label in out
+    plugin_row = next(line for line in out.splitlines() if line.startswith("| DistillModule + DistillationCallback"))
+    assert plugin_row.split("|")[4].strip() != "n/a"  # the plugin's peak RSS, measured in a subprocess
 
 
 @pytest.mark.slow

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import pickle
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
+import lightning_distill.callback
 from lightning_distill import DistillationCallback, DistillModule, TeacherOutputs
+from lightning_distill._contract import TeacherConnection, TeacherNeeds, TeacherRequest
+from lightning_distill.teacher import TeacherCache, TeacherMixture, TeacherRunner
 from tests.helpers.tiny import (
     NUM_CLASSES,
     DictDataset,
     KwargsTeacher,
     SoftmaxTeacher,
     TinyTeacher,
+    make_data,
     make_loader,
     make_trainer,
     tiny_student,
@@ -139,9 +146,9 @@ def test_dict_batches_reach_teacher_and_student_as_keyword_arguments(tmp_path):
 
 def test_logits_layer_takes_the_pre_softmax_output(tmp_path):
     teacher = SoftmaxTeacher()
-    callback = DistillationCallback(teacher, logits_layer="head")
+    callback = DistillationCallback(TeacherRunner(teacher, logits_layer="head"))
     x, _ = next(iter(make_loader()))
-    out = callback._runner.run(x)
+    out = callback.runner.run(x)
     with torch.no_grad():
         torch.testing.assert_close(out.logits, teacher.head(teacher.body(x)))
     make_trainer(tmp_path, callbacks=[callback]).fit(student_module(), make_loader())
@@ -240,3 +247,147 @@ def test_several_validation_dataloaders_get_their_own_metrics(tmp_path):
         assert logged[f"val/acc{suffix}"] == pytest.approx((s_pred == y).float().mean().item())
         assert logged[f"val/teacher_acc{suffix}"] == pytest.approx((t_pred == y).float().mean().item())
         assert logged[f"val/agreement{suffix}"] == pytest.approx((t_pred == s_pred).float().mean().item())
+
+
+class MinimalClient(L.LightningModule):
+    """A LightningModule that is no DistillModule, only a `TeacherClient`: all the callback may rely on.
+
+    It records every call of the contract and trains on the KD term alone, from the outputs it was handed.
+    """
+
+    def __init__(self, temperature: float = 2.0, features: tuple[tuple[str, Any], ...] = ()) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = tiny_student()
+        self.temperature = temperature
+        self.features = features
+        self.connections: list[TeacherConnection | None] = []
+        self.requests: list[TeacherRequest] = []
+        self.training_requests: dict[int, bool] = {}  # id(request) -> asked in a training step
+        self.received: list[TeacherOutputs] = []
+        self.outputs: TeacherOutputs | None = None
+
+    def teacher_needs(self) -> TeacherNeeds:
+        return TeacherNeeds(features=self.features)
+
+    def connect_teacher(self, connection: TeacherConnection | None) -> None:
+        self.connections.append(connection)
+
+    def teacher_request(self, batch: Any) -> TeacherRequest:
+        x, y = batch
+        request = TeacherRequest(x, y, self.temperature, features=True)
+        self.requests.append(request)
+        self.training_requests[id(request)] = self.training
+        return request
+
+    def set_teacher_outputs(self, outputs: TeacherOutputs | None) -> None:
+        self.outputs = outputs
+        if outputs is not None:
+            self.received.append(outputs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        assert self.outputs is not None
+        log_p = torch.log_softmax(self.net(batch[0]), -1)
+        return -(torch.softmax(self.outputs.logits, -1) * log_p).sum(-1).mean()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        assert self.outputs is not None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_callback_needs_only_the_teacher_contract(tmp_path):
+    teacher = TinyTeacher()
+    module = MinimalClient(features=(("body.0", None),))
+    trainer = make_trainer(tmp_path, callbacks=[DistillationCallback(teacher)])
+    trainer.fit(module, make_loader(), make_loader())
+    first, last = module.connections[0], module.connections[-1]
+    assert first is not None and last is None  # connected in setup, forgotten in teardown
+    assert (first.mixture, first.cached, first.cache_top_k, first.owner) == (
+        False,
+        False,
+        None,
+        "DistillationCallback(TinyTeacher)",
+    )
+    # 2 training batches, 2 validation batches and Lightning's sanity check of 2: one request and one run each
+    assert len(module.requests) == len(module.received) == 6
+    for request, outputs in zip(module.requests, module.received, strict=True):
+        with torch.no_grad():
+            torch.testing.assert_close(outputs.logits, teacher(request.inputs), rtol=0, atol=0)
+            expected = teacher.body[0](request.inputs)
+        if module.training_requests[id(request)]:
+            torch.testing.assert_close(outputs.features["body.0"], expected, rtol=0, atol=0)
+        else:  # validation runs never capture features, whatever the module asks
+            assert dict(outputs.features) == {}
+    assert sum(module.training_requests.values()) == 2
+    # and the connection's `run` is the teacher itself, for the module's own set-up
+    x = make_data(4)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(first.run(TeacherRequest(x, None, 1.0)).logits, teacher(x))
+
+
+def test_callback_source_imports_nothing_of_the_module():
+    tree = ast.parse((Path(lightning_distill.callback.__file__)).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "lightning_distill.module" not in imported and "lightning_distill" not in imported
+
+
+def test_a_mixture_passed_as_the_teacher_mixes_at_the_requested_temperature(tmp_path):
+    torch.manual_seed(0)
+    a, b = TinyTeacher(), TinyTeacher()
+    module = MinimalClient(temperature=3.0)
+    callback = DistillationCallback(TeacherMixture({"a": a, "b": b}, weights={"a": 1.0, "b": 3.0}))
+    make_trainer(tmp_path, callbacks=[callback]).fit(module, make_loader())
+    assert module.connections[0] is not None and module.connections[0].mixture
+    assert module.connections[0].owner == "DistillationCallback(a:TinyTeacher,b:TinyTeacher)"
+    x = module.requests[0].inputs
+    with torch.no_grad():  # T * log(sum_k w_k softmax(z_k / T)), written out here
+        mixed = 0.25 * torch.softmax(a(x) / 3.0, -1) + 0.75 * torch.softmax(b(x) / 3.0, -1)
+    torch.testing.assert_close(module.received[0].logits, 3.0 * torch.log(mixed))
+    cached = DistillationCallback(TeacherMixture({"a": a, "b": b}), cache=TeacherCache(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"a mixture of teachers depends on the temperature.*HINT: remove `cache=`"):
+        make_trainer(tmp_path, callbacks=[cached]).fit(MinimalClient(), make_loader())
+
+
+def test_two_callbacks_are_refused_naming_both_teachers(tmp_path):
+    module = student_module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    callbacks = [DistillationCallback(TinyTeacher()), DistillationCallback(SoftmaxTeacher())]
+    with pytest.raises(RuntimeError, match="2 DistillationCallbacks") as refused:
+        make_trainer(tmp_path, callbacks=callbacks).fit(module, make_loader())
+    message = str(refused.value)
+    assert "teachers TinyTeacher, SoftmaxTeacher" in message
+    assert "HINT: pass the teachers as one mixture, `DistillationCallback(TeacherMixture({'a': teacher_a" in message
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())  # refused before any step
+    # nothing stays connected: the same module trains with one callback afterwards
+    trainer = make_trainer(tmp_path, callbacks=[DistillationCallback(TinyTeacher())])
+    trainer.fit(module, make_loader())
+    assert torch.isfinite(trainer.callback_metrics["train/kd_loss"])
+
+
+def test_a_module_that_is_no_teacher_client_is_refused_with_the_hint(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    refused = r"needs a DistillModule, got BoringModel \(a module that is no .*TeacherClient`\)\. HINT: subclass"
+    with pytest.raises(TypeError, match=refused):
+        make_trainer(tmp_path, callbacks=[DistillationCallback(TinyTeacher())]).fit(BoringModel())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(logits_layer="head"), r"takes no `logits_layer` as well\. HINT: .*`TeacherRunner\(teacher, logits_layer"),
+        (dict(teacher_device="cpu"), r"takes no `teacher_device` as well\. HINT: .*`TeacherRunner\(teacher, device="),
+        (dict(weights={"a": 1.0}), r"takes no `weights` as well"),
+    ],
+)
+def test_an_old_keyword_with_a_runner_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationCallback(TeacherRunner(TinyTeacher()), **kwargs)
+
+
+def test_a_teacher_that_is_no_module_is_refused():
+    with pytest.raises(TypeError, match=r"`teacher` must be a torch.nn.Module or a TeacherRunner, got str\. HINT"):
+        DistillationCallback("resnet18")  # type: ignore[arg-type]

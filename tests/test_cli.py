@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lightning_distill.cli import main
+from lightning_distill.demos import MNIST1DTeacher
 from lightning_distill.demos.loggers import tensorboard_available
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -86,6 +87,34 @@ def test_cli_missing_teacher_checkpoint_no_config_writes_says_to_train_it(workdi
     assert str(raised.value).startswith(
         "lightning-distill: the teacher checkpoint elsewhere/teacher.ckpt does not exist: train the teacher first"
     )
+
+
+def test_cli_config_with_the_deprecated_teacher_checkpoint_still_works(workdir, capsys):
+    config = workdir / "configs" / "mnist1d_distill.yaml"
+    runner = (
+        "        teacher:  # a TeacherRunner holds the teacher with its placement: the checkpoint to load, precision, "
+        "...\n"
+        "          class_path: lightning_distill.teacher.TeacherRunner\n"
+        "          init_args:\n"
+        "            teacher:\n"
+        "              class_path: lightning_distill.demos.MNIST1DTeacher\n"
+        f"            checkpoint: {TEACHER_CKPT}\n"
+    )
+    old = (
+        "        teacher:\n"
+        "          class_path: lightning_distill.demos.MNIST1DTeacher\n"
+        f"        teacher_checkpoint: {TEACHER_CKPT}\n"
+    )
+    assert runner in config.read_text()
+    (workdir / "configs" / "old.yaml").write_text(config.read_text().replace(runner, old))
+    with pytest.raises(SystemExit) as raised:
+        main(["fit", "--config", "configs/old.yaml"])
+    assert str(raised.value) == RUN_TEACHER_FIRST
+    (workdir / TEACHER_CKPT).parent.mkdir(parents=True)
+    torch.save(MNIST1DTeacher().state_dict(), workdir / TEACHER_CKPT)  # untrained: only the loading is tested
+    with pytest.warns(DeprecationWarning, match=r"pass `DistillationCallback\(TeacherRunner\(teacher, checkpoint="):
+        main(["fit", "--config", "configs/old.yaml", *QUICK])
+    assert "val/teacher_acc " in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def test_loop_api_and_trainer_api_give_the_same_loss_for_the_same_batch_and_weig
 
     distiller = Distiller(teacher, alpha=0.6, temperature=3.0, feature_maps=[MAP])
     distiller.on_train_begin(student, example_inputs=x[:2])
-    projectors = {f"engine.{k}": v for k, v in module.state_dict().items() if k.startswith("projectors.")}
+    projectors = {f"objective.{k}": v for k, v in module.state_dict().items() if k.startswith("projectors.")}
     assert distiller.load_state_dict(projectors, strict=False).unexpected_keys == []
     distiller.on_step_begin()
     loss = distiller.loss(x, student(x), y)
@@ -112,7 +112,8 @@ def test_projectors_left_out_of_the_optimizer_are_named_after_the_first_step():
     distiller.on_step_begin()
     distiller.loss(x, student(x), y).backward()
     optimizer.step()
-    with pytest.raises(RuntimeError, match=r"\['engine.projectors.1.weight', 'engine.projectors.1.bias'\] have not"):
+    names = r"\['objective.projectors.1.weight', 'objective.projectors.1.bias'\]"
+    with pytest.raises(RuntimeError, match=names + " have not"):
         distiller.on_after_optimizer_step()
 
 
@@ -213,4 +214,4 @@ def test_fabric_example_on_cpu_runs_and_the_student_learns_the_teacher():
     assert distiller.epoch == 3 and not distiller.teacher.training
     assert _agreement(student, distiller.teacher) > 0.5
     names = [name for name, _ in distiller.named_parameters()]  # Fabric's wrapper adds `_forward_module.`
-    assert names == ["_forward_module.engine.projectors.1.weight", "_forward_module.engine.projectors.1.bias"]
+    assert names == ["_forward_module.objective.projectors.1.weight", "_forward_module.objective.projectors.1.bias"]

@@ -186,11 +186,11 @@ def test_only_requested_features_are_kept_and_only_for_the_step(tmp_path):
 
     class Spy(DistillationCallback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append((sorted(pl_module.teacher_outputs.features), bool(pl_module._student_capture._recorded)))
+            seen.append((sorted(pl_module.teacher_outputs.features), bool(pl_module.objective.capture._recorded)))
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
         def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            seen.append((sorted(pl_module.teacher_outputs.features), bool(pl_module._student_capture._recorded)))
+            seen.append((sorted(pl_module.teacher_outputs.features), bool(pl_module.objective.capture._recorded)))
             super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     teacher = trained_teacher()

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from lightning_distill import FeatureMap
-from lightning_distill.features._capture import FeatureCapture, select_output
+from lightning_distill.features import ChannelProjector, FeatureCapture
+from lightning_distill.features._capture import select_output
 from lightning_distill.features._projectors import (
-    ChannelProjector,
     build_projector,
     match_spatial,
     projector_from_dims,

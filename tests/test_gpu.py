@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_distill import DistillationCallback, DistillModule
+from lightning_distill import DistillationCallback, DistillModule, TeacherRunner
 from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, tiny_student
 
 pytestmark = pytest.mark.gpu
@@ -52,7 +52,7 @@ def _fit(tmp_path: Any, callback: DistillationCallback, **trainer_kwargs: Any) -
 
 @pytest.mark.parametrize("sharding", ["shard", "replicate"])
 def test_fsdp_teacher_sharded_or_replicated(tmp_path, sharding):
-    callback = DistillationCallback(TinyTeacher(), teacher_sharding=sharding, teacher_shard_units=[nn.Linear])
+    callback = DistillationCallback(TeacherRunner(TinyTeacher(), sharding=sharding, shard_units=[nn.Linear]))
     checks = _fit(tmp_path, callback, strategy=FSDPStrategy())
     assert checks.max_diff < 1e-5 and checks.devices == {"cuda"}
     assert callback.teacher_sharded is (sharding == "shard")
@@ -60,7 +60,7 @@ def test_fsdp_teacher_sharded_or_replicated(tmp_path, sharding):
 
 
 def test_model_parallel_teacher_sharded(tmp_path):
-    callback = DistillationCallback(TinyTeacher(), teacher_sharding="shard")
+    callback = DistillationCallback(TeacherRunner(TinyTeacher(), sharding="shard"))
     checks = _fit(tmp_path, callback, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
     assert checks.max_diff < 1e-5 and callback.teacher_sharded
 
@@ -71,7 +71,7 @@ def test_16_mixed_runs_the_teacher_in_float16_autocast(tmp_path):
 
 
 def test_teacher_on_cpu_beside_a_cuda_student_hands_cuda_outputs(tmp_path):
-    callback = DistillationCallback(TinyTeacher(), teacher_device="cpu")
+    callback = DistillationCallback(TeacherRunner(TinyTeacher(), device="cpu"))
     checks = _fit(tmp_path, callback)
     assert next(callback.teacher.parameters()).device.type == "cpu"
     assert checks.devices == {"cuda"} and checks.max_diff < 1e-5

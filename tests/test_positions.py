@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_distill import DistillationCallback, Distiller, DistillModule, FeatureMap, TeacherOutputs
+from lightning_distill import (
+    DistillationCallback,
+    Distiller,
+    DistillModule,
+    FeatureMap,
+    TeacherMixture,
+    TeacherOutputs,
+)
 from lightning_distill._positions import (
     TokenMasks,
     feature_mask,
@@ -235,14 +242,14 @@ def test_mixture_feature_names_are_the_teachers_name_and_layer(tmp_path):
     )
     student = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
     module = DistillModule(student=student, alpha=0.5, feature_maps=[FeatureMap(student="1", teacher="a.1")])
-    callback = DistillationCallback(teachers={"a": a, "b": b})
+    callback = DistillationCallback(TeacherMixture({"a": a, "b": b}))
     x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
     make_trainer(tmp_path, limit_train_batches=2, callbacks=[callback]).fit(
         module, DataLoader(list(zip(x, y, strict=True)), batch_size=8)
     )
     assert isinstance(module.projectors["1"], nn.Linear) and module.projectors["1"].out_features == 16
     with pytest.raises(ValueError, match=r"Teacher name 'weights' must be a plain identifier"):
-        DistillationCallback(teachers={"weights": a, "b": b})
+        DistillationCallback(TeacherMixture({"weights": a, "b": b}))
 
 
 def test_the_untrained_teacher_check_comes_after_the_shape_checks(tmp_path):

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import pytest
 
+import lightning_distill.schedules as schedules
 from lightning_distill.schedules import (
     Constant,
     Cosine,
@@ -101,9 +102,30 @@ def test_call_picks_the_counter_of_the_unit():
 
 def test_call_rejects_negative_counter():
     with pytest.raises(ValueError, match=r"epoch counter must be >= 0, got -1"):
-        Constant(1.0)(step=3, epoch=-1)
+        LinearWarmup(1.0, warmup=2)(step=3, epoch=-1)
     with pytest.raises(ValueError, match=r"step counter must be >= 0, got -2"):
-        Constant(1.0, unit="step")(step=-2, epoch=0)
+        Cosine(1.0, 0.0, length=3, unit="step")(step=-2, epoch=0)
+
+
+def test_a_constant_returns_its_value_without_checking_anything():
+    assert Constant(0.25)(step=-1, epoch=-1) == 0.25
+
+
+def test_values_are_validated_when_built_or_replaced_never_when_evaluated(monkeypatch):
+    built = [Constant(0.5), LinearWarmup(2.0, warmup=4, unit="step"), Cosine(4.0, 1.0, length=10)]
+
+    def no_check(*args: object) -> None:
+        raise AssertionError("validated while evaluating")
+
+    monkeypatch.setattr(schedules, "_finite", no_check)
+    monkeypatch.setattr(schedules, "_positive_int", no_check)
+    monkeypatch.setattr(schedules, "check_schedule", no_check)
+    for schedule in built:
+        for t in range(12):
+            schedule(step=t, epoch=t)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"Constant\.value must be a finite number, got nan"):
+        dataclasses.replace(built[0], value=float("nan"))
 
 
 def test_call_is_keyword_only():

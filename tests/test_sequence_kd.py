@@ -223,7 +223,7 @@ def test_callback_distills_from_the_mixture_at_the_modules_temperature(tmp_path)
     torch.manual_seed(0)
     teachers = {"a": TinyTeacher(), "b": TinyTeacher()}
     reference = {k: copy.deepcopy(v) for k, v in teachers.items()}
-    callback = DistillationCallback(teachers=teachers, weights={"a": 0.2, "b": 0.8})
+    callback = DistillationCallback(TeacherMixture(teachers, weights={"a": 0.2, "b": 0.8}))
     module = DistillModule(student=tiny_student(), alpha=1.0, temperature=3.0)
     seen = Seen()
     make_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0, callbacks=[callback, seen]).fit(
@@ -242,20 +242,24 @@ def test_callback_distills_from_the_mixture_at_the_modules_temperature(tmp_path)
     ("make", "error", "match"),
     [
         (lambda: DistillationCallback(), ValueError, "Pass exactly one of `teacher`"),
-        (lambda: DistillationCallback(TinyTeacher(), teachers={"a": TinyTeacher()}), ValueError, "exactly one"),
-        (lambda: DistillationCallback(teachers={"a": TinyTeacher()}), ValueError, "at least two names"),
-        (lambda: DistillationCallback(TinyTeacher(), weights={"a": 1.0}), ValueError, "with one `teacher`"),
+        (lambda: DistillationCallback(TeacherMixture({"a": TinyTeacher()})), ValueError, "at least two names"),
         (
-            lambda: DistillationCallback(teachers={"a": TinyTeacher(), "b": TinyTeacher()}, weights={"a": 1.0}),
+            lambda: DistillationCallback(TeacherMixture({"a": TinyTeacher(), "b": TinyTeacher()}, weights={"a": 1.0})),
             ValueError,
             r"one weight per teacher \['a', 'b'\]",
         ),
         (
-            lambda: DistillationCallback(teachers={"a": TinyTeacher(), "b": TinyTeacher()}, weights={"a": -1, "b": 1}),
+            lambda: DistillationCallback(
+                TeacherMixture({"a": TinyTeacher(), "b": TinyTeacher()}, weights={"a": -1, "b": 1})
+            ),
             ValueError,
             "finite, non-negative and not all zero",
         ),
-        (lambda: DistillationCallback(teachers={"a": TinyTeacher(), "b": "x"}), TypeError, "Teacher 'b' must be"),
+        (
+            lambda: DistillationCallback(TeacherMixture({"a": TinyTeacher(), "b": "x"})),  # type: ignore[dict-item]
+            TypeError,
+            "Teacher 'b' must be",
+        ),
     ],
 )
 def test_bad_teacher_sets_are_explained(make, error, match):
@@ -264,12 +268,30 @@ def test_bad_teacher_sets_are_explained(make, error, match):
 
 
 @pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: DistillationCallback(TinyTeacher(), teachers={"a": TinyTeacher()}), "exactly one"),
+        (lambda: DistillationCallback(TinyTeacher(), weights={"a": 1.0}), "with one `teacher`"),
+    ],
+)
+def test_the_deprecated_teachers_keywords_refuse_a_teacher_beside_them(make, match):
+    # refused before the keywords' DeprecationWarning would be raised; they go with the keywords
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_the_deprecated_teachers_keyword_still_checks_the_mixture():
+    with pytest.raises(ValueError, match="at least two names"), pytest.warns(DeprecationWarning):
+        DistillationCallback(teachers={"a": TinyTeacher()})
+
+
+@pytest.mark.parametrize(
     ("module_kwargs", "cache", "match"),
     [(dict(divergence="mse"), False, "divergence='mse' compares raw logits"), ({}, True, "a mixture of teachers")],
 )
 def test_a_mixture_refuses_what_it_cannot_serve(tmp_path, module_kwargs, cache, match):
     teachers = {"a": TinyTeacher(), "b": TinyTeacher()}
-    callback = DistillationCallback(teachers=teachers, cache=TeacherCache(tmp_path / "c") if cache else None)
+    callback = DistillationCallback(TeacherMixture(teachers), cache=TeacherCache(tmp_path / "c") if cache else None)
     with pytest.raises(ValueError, match=match):
         make_trainer(tmp_path, callbacks=[callback]).fit(
             DistillModule(student=tiny_student(), **module_kwargs), make_loader()

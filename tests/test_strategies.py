@@ -1,5 +1,5 @@
-"""Which strategies the teacher supports, and when it is sharded (`teacher_sharding`); the multi-process runs are in
-``test_distributed.py``."""
+"""Which strategies the teacher supports, and when it is sharded (`TeacherRunner(sharding=...)`); the multi-process
+runs are in ``test_distributed.py``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import (
 from torch import nn
 
 from lightning_distill import DistillationCallback, DistillModule
+from lightning_distill.teacher import TeacherRunner
 from lightning_distill.teacher._sharding import AUTO_SHARD_BYTES, module_bytes, resolve_sharding, strategy_kind
 from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, tiny_student
 
@@ -57,7 +58,7 @@ def test_shard_under_a_strategy_that_does_not_shard_is_refused(kind, hint):
 
 
 def test_shard_on_a_single_device_fit_fails_at_setup_naming_the_strategy(tmp_path):
-    callback = DistillationCallback(TinyTeacher(), teacher_sharding="shard")
+    callback = DistillationCallback(TeacherRunner(TinyTeacher(), sharding="shard"))
     with pytest.raises(ValueError, match="the Trainer's strategy is SingleDeviceStrategy"):
         make_trainer(tmp_path, callbacks=[callback]).fit(DistillModule(student=tiny_student()), make_loader())
 
@@ -85,15 +86,15 @@ def test_an_untested_strategy_is_refused_by_name_unless_allowed():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(teacher_sharding="yes"), ValueError, r"must be one of \['auto', 'replicate', 'shard'\], got 'yes'"),
-        (dict(teacher_sharding="shard", teacher_device="cpu"), ValueError, "cannot also stay on `teacher_device="),
-        (dict(teacher_shard_units=nn.Linear), TypeError, "`teacher_shard_units` must be a sequence of nn.Module"),
-        (dict(teacher_shard_units=["Linear"]), TypeError, r"got \['Linear'\]. HINT: pass the teacher's block class"),
+        (dict(sharding="yes"), ValueError, r"`sharding` must be one of \['auto', 'replicate', 'shard'\], got 'yes'"),
+        (dict(sharding="shard", device="cpu"), ValueError, r"cannot also stay on `device='cpu'`\. HINT: drop one"),
+        (dict(shard_units=nn.Linear), TypeError, "`shard_units` must be a sequence of nn.Module classes, got <class"),
+        (dict(shard_units=["Linear"]), TypeError, r"got \['Linear'\]. HINT: pass the teacher's block class"),
     ],
 )
 def test_bad_sharding_options_are_explained(kwargs, error, match):
     with pytest.raises(error, match=match):
-        DistillationCallback(TinyTeacher(), **kwargs)
+        TeacherRunner(TinyTeacher(), **kwargs)
 
 
 def test_sync_dist_must_be_a_bool():

@@ -1,4 +1,4 @@
-"""The teacher's own precision and device (`teacher_precision`, `teacher_device`)."""
+"""The teacher's own precision and device (`TeacherRunner(precision=..., device=...)`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Spy(DistillationCallback):
 def test_teacher_runs_in_its_own_precision_for_a_float32_student(tmp_path, precision, dtype):
     teacher = trained_teacher()
     reference = teacher(make_data(16)[0]).detach()
-    callback = Spy(teacher, teacher_precision=precision)
+    callback = Spy(TeacherRunner(teacher, precision=precision))
     module = DistillModule(student=tiny_student(), alpha=0.9, temperature=2.0)
     trainer = make_trainer(tmp_path, callbacks=[callback])
     trainer.fit(module, make_loader())
@@ -36,12 +36,12 @@ def test_teacher_runs_in_its_own_precision_for_a_float32_student(tmp_path, preci
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert callback.seen == [(dtype, torch.device("cpu"))] * 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    out = callback._runner.run(make_data(16)[0])
+    out = callback.runner.run(make_data(16)[0])
     torch.testing.assert_close(out.logits.float(), reference, atol=0.1, rtol=0.05)  # bf16 keeps ~3 digits
 
 
 def test_own_precision_runs_outside_the_trainers_autocast(tmp_path):
-    follow, own = Spy(trained_teacher()), Spy(trained_teacher(), teacher_precision="32")
+    follow, own = Spy(trained_teacher()), Spy(TeacherRunner(trained_teacher(), precision="32"))
     for callback in (follow, own):
         make_trainer(tmp_path, precision="bf16-mixed", callbacks=[callback]).fit(
             DistillModule(student=tiny_student(), alpha=0.5), make_loader()
@@ -60,22 +60,22 @@ def test_own_precision_casts_floating_inputs_only():
 
 
 def test_teacher_device_is_recorded_and_unknown_devices_are_refused(tmp_path):
-    callback = DistillationCallback(trained_teacher(), teacher_device="cpu", teacher_precision="bf16")
+    callback = DistillationCallback(TeacherRunner(trained_teacher(), device="cpu", precision="bf16"))
     make_trainer(tmp_path, callbacks=[callback]).fit(DistillModule(student=tiny_student()), make_loader())
     assert callback.state_dict()["teacher_device"] == "cpu" and callback.state_dict()["teacher_precision"] == "bf16"
     if torch.cuda.device_count() < 4:
-        missing = DistillationCallback(trained_teacher(), teacher_device="cuda:3")
-        with pytest.raises(RuntimeError, match=r"`teacher_device='cuda:3'` is not available: this machine has \d"):
+        missing = DistillationCallback(TeacherRunner(trained_teacher(), device="cuda:3"))
+        with pytest.raises(RuntimeError, match=r"`device='cuda:3'` is not available: this machine has \d"):
             make_trainer(tmp_path, callbacks=[missing]).fit(DistillModule(student=tiny_student()), make_loader())
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(teacher_precision="fp8"), r"`teacher_precision` must be one of \['32', '64', '16', 'bf16'\]"),
-        (dict(teacher_device="gpu0"), "`teacher_device` must be a device such as 'cpu' or 'cuda:1', got 'gpu0'"),
+        (dict(precision="fp8"), r"`precision` must be one of \['32', '64', '16', 'bf16'\] .*got 'fp8'\. HINT"),
+        (dict(device="gpu0"), "`device` must be a device such as 'cpu' or 'cuda:1', got 'gpu0'.*HINT"),
     ],
 )
 def test_bad_precision_or_device_is_explained(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        DistillationCallback(trained_teacher(), **kwargs)
+        TeacherRunner(trained_teacher(), **kwargs)

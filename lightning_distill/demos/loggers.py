@@ -2,7 +2,6 @@
 
 The CSV log is what the demo's tables and the notebooks' learning curves are read from, so it is always written;
 TensorBoard is added for browsing when the ``tensorboard`` package is importable (``pip install tensorboard``).
-:func:`quiet_lightning` hides Lightning's per-run banners for scripts that run many small fits.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+__all__ = ["default_loggers", "logged_trainer", "read_metric", "tensorboard_available", "where_logs_are"]
 
 
 def tensorboard_available() -> bool:

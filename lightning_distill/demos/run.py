@@ -32,6 +32,8 @@ from lightning_distill.demos.mnist1d import MNIST1DDataModule
 from lightning_distill.demos.models import MLPStudent, MNIST1DTeacher
 from lightning_distill.module import DistillModule
 
+__all__ = ["DemoConfig", "RunResult", "main", "run_demo"]
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -171,7 +173,7 @@ def _run_demo(config: DemoConfig) -> list[RunResult]:
     return results
 
 
-def summarize(results: Sequence[RunResult]) -> list[dict[str, str]]:
+def _summarize(results: Sequence[RunResult]) -> list[dict[str, str]]:
     """One row per model: accuracy mean ± std over seeds and mean fit time."""
     rows = []
     for model in dict.fromkeys(r.model for r in results):
@@ -189,20 +191,20 @@ def summarize(results: Sequence[RunResult]) -> list[dict[str, str]]:
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, str]]) -> str:
+def _markdown_table(rows: Sequence[dict[str, str]]) -> str:
     """Render summary rows as a markdown table."""
     header = "| model | runs | test accuracy (mean ± std) | fit time (s, mean) |\n|---|---|---|---|"
     lines = [f"| {r['model']} | {r['runs']} | {r['test_acc']} | {r['fit_seconds']} |" for r in rows]
     return "\n".join([header, *lines])
 
 
-def write_outputs(config: DemoConfig, results: Sequence[RunResult]) -> None:
+def _write_outputs(config: DemoConfig, results: Sequence[RunResult]) -> None:
     """Write ``results.csv`` (every run), ``summary.csv`` and ``results.png`` to the output folder."""
     with open(config.output / "results.csv", "w", newline="") as f:
         rows_writer = csv.writer(f)
         rows_writer.writerow(["model", "seed", "test_acc", "fit_seconds"])
         rows_writer.writerows([r.model, r.seed, f"{r.test_acc:.4f}", f"{r.fit_seconds:.2f}"] for r in results)
-    rows = summarize(results)
+    rows = _summarize(results)
     with open(config.output / "summary.csv", "w", newline="") as f:
         summary_writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         summary_writer.writeheader()
@@ -243,7 +245,7 @@ def _plot(config: DemoConfig, results: Sequence[RunResult]) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
+def _parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     """Parse ``lightning-distill demo`` arguments into a :class:`DemoConfig`."""
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(prog="lightning-distill demo", description=__doc__.split("\n\n")[0])
@@ -297,7 +299,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-distill demo``."""
-    config = parse_args(argv)
+    config = _parse_args(argv)
     if config.quick:
         print(
             "Smoke run (--quick): 400 training samples, 2 epochs per model, a teacher trained just enough to run. "
@@ -306,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     start = time.perf_counter()
     results = run_demo(config)
-    write_outputs(config, results)
-    print(markdown_table(summarize(results)))
+    _write_outputs(config, results)
+    print(_markdown_table(_summarize(results)))
     print(f"\nTotal wall time {time.perf_counter() - start:.0f} s. Tables, checkpoint and logs in {config.output}/")
     first_distilled = next(r for r in results if r.model == "distilled")
     print(f"Logs of the first distilled run:\n{first_distilled.logs}")

@@ -227,12 +227,16 @@ class FeatureCapture:
         self._copied: set[str] = set()
         self._handles: list[RemovableHandle] = []
         self._recording = False
+        self._keys: tuple[str, ...] = ()  # what `keys` returns, built when a feature is requested, not per step
 
     @property
     def keys(self) -> list[str]:
         """Keys of every requested feature, in the order they were added."""
+        return list(self._keys)
+
+    def _request_changed(self) -> None:
         outputs = [feature_key(layer, select) for layer, selects in self._selectors.items() for select in selects]
-        return outputs + [input_key(layer) for layer in self._input_layers]
+        self._keys = (*outputs, *(input_key(layer) for layer in self._input_layers))
 
     @property
     def attached(self) -> bool:
@@ -251,7 +255,7 @@ class FeatureCapture:
             ValueError: For a key that was not requested (see :attr:`keys`).
         """
         keys = list(keys)
-        unknown = sorted(set(keys) - set(self.keys))
+        unknown = sorted(set(keys) - set(self._keys))
         if unknown:
             raise ValueError(f"The {self.role}'s capture has no keys {unknown}; its keys are {self.keys}.")
         self._copied.update(keys)
@@ -263,6 +267,7 @@ class FeatureCapture:
             if self.attached:
                 raise RuntimeError(f"Request the {self.role}'s features before its hooks are attached.")
             self._selectors.setdefault(layer, []).append(select)
+            self._request_changed()
         return feature_key(layer, select)
 
     def add_input(self, layer: str) -> str:
@@ -271,6 +276,7 @@ class FeatureCapture:
             if self.attached:
                 raise RuntimeError(f"Request the {self.role}'s features before its hooks are attached.")
             self._input_layers.append(layer)
+            self._request_changed()
         return input_key(layer)
 
     def check(self, model: nn.Module) -> None:
@@ -333,7 +339,7 @@ class FeatureCapture:
         """
         recorded, self._recorded = self._recorded, {}
         versions, self._versions = self._versions, {}
-        missing = [key for key in self.keys if key not in recorded]
+        missing = [key for key in self._keys if key not in recorded]
         if missing:
             raise RuntimeError(
                 f"The {self.role}'s layers {missing} did not run in its forward, so their outputs could not be "
@@ -366,8 +372,9 @@ class FeatureCapture:
 
         def hook(_module: nn.Module, inputs: Any, output: Any) -> None:
             if self._recording:
+                plain = type(output) is Tensor  # the usual case: no selection to check
                 for key, select in keys:
-                    keep(key, select_output(output, select, where))
+                    keep(key, output if plain and select is None else select_output(output, select, where))
                 if record_input:
                     keep(in_key, select_output(inputs, 0, f"{where} (its inputs)"))
 

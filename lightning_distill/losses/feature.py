@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lightning_distill.losses.functional import FeatureLossName, check_feature_loss, feature_loss
-from lightning_distill.losses.functional.features import _check_power
+from lightning_distill.losses.functional._common import check_power
 
 __all__ = ["FeatureLoss"]
 
@@ -41,7 +41,7 @@ class FeatureLoss(nn.Module):
     def __init__(self, loss: FeatureLossName = "mse", p: float = 2.0) -> None:
         super().__init__()
         self.loss: FeatureLossName = check_feature_loss(loss)
-        self.p = _check_power(p)
+        self.p = check_power(p)
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         """Return the scalar loss between student and teacher features (over the ``mask``-ed positions, if given)."""

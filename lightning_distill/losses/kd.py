@@ -18,7 +18,7 @@ from lightning_distill.losses.functional import (
     distillation_loss_terms,
     kd_loss,
 )
-from lightning_distill.losses.functional._common import _check_ignore_index
+from lightning_distill.losses.functional._common import check_ignore_index
 
 __all__ = ["DistillationLoss", "KDLoss"]
 
@@ -155,7 +155,7 @@ class DistillationLoss(nn.Module):
         self.temperature = check_temperature(temperature)
         check_divergence(divergence)
         self.divergence: Divergence = divergence
-        self.ignore_index = _check_ignore_index(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.tckd_weight = check_weight("tckd_weight", tckd_weight)
         self.nckd_weight = check_weight("nckd_weight", nckd_weight)
         self.js_beta = check_js_beta(js_beta)

@@ -27,7 +27,7 @@ from lightning_distill._training import (
     OptimizerFactory,
     check_optimized,
 )
-from lightning_distill.features._capture import FeatureCapture, ModifiedInPlaceError, tensor_version
+from lightning_distill.features._capture import FeatureCapture, ModifiedInPlaceError
 from lightning_distill.interop._inc import inc_self_distill_arguments
 from lightning_distill.losses.functional import (
     check_alpha,
@@ -37,8 +37,9 @@ from lightning_distill.losses.functional import (
     distillation_loss_terms,
     mse_feature_loss,
 )
-from lightning_distill.losses.functional._common import _check_ignore_index
+from lightning_distill.losses.functional._common import check_ignore_index
 from lightning_distill.self_distill._early_exit import EarlyExitReport, ExitModel, run_early_exit, sweep_thresholds
+from lightning_distill.self_distill._exits import exit_capture, learn_copies, plan_exits
 from lightning_distill.self_distill._heads import ExitHead
 
 _CHECKPOINT_KEY = "self_distill"
@@ -97,9 +98,8 @@ class SelfDistillModule(FactoryModule):
 
     Example::
 
-        >>> from lightning_distill.demos.models import MNIST1DDeepCNN
-        >>> model = SelfDistillModule(MNIST1DDeepCNN(), exits=["stages.0", "stages.1"], num_classes=10,
-        ...                           example_input=torch.randn(2, 40))
+        >>> backbone = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
+        >>> model = SelfDistillModule(backbone, exits=["1", "3"], num_classes=10, example_input=torch.randn(2, 40))
         >>> [type(head).__name__ for head in model.heads]
         ['ExitHead', 'ExitHead']
         >>> preds, exit_idx = model.predict_early_exit(torch.randn(5, 40), threshold=0.0)
@@ -155,7 +155,7 @@ class SelfDistillModule(FactoryModule):
         self.task_weight = 1.0 - self.alpha if task_weight is None else check_weight("task_weight", task_weight)
         self.feature_weight = check_weight("feature_weight", feature_weight)
         self.exit_weights = [check_weight(f"exit_weights[{i}]", w) for i, w in enumerate(weights)]
-        self.ignore_index = _check_ignore_index(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.feature_layer = feature_layer
         for name in (*self.exits, *([feature_layer] if feature_layer is not None else [])):
             find_layer(backbone, name, role="backbone")
@@ -207,14 +207,16 @@ class SelfDistillModule(FactoryModule):
 
         Example::
 
-            >>> from lightning_distill.demos.models import MNIST1DDeepCNN
+            >>> backbone = nn.Sequential(
+            ...     nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),  # exits after "1" and "3"
+            ...     nn.Linear(32, 16), nn.ReLU(),  # "5": the deepest feature
+            ...     nn.Linear(16, 10))  # "6": the classifier
             >>> model = SelfDistillModule.from_inc_config(
-            ...     MNIST1DDeepCNN(), 10,
-            ...     layer_mappings=[[["stages.0", "pool"], ["stages.1", "pool"]],
-            ...                     [["stages.0", "head"], ["stages.1", "head"]]],
+            ...     backbone, 10,
+            ...     layer_mappings=[[["1", "5"], ["3", "5"]], [["1", "6"], ["3", "6"]]],
             ...     loss_types=["L2", "KL"], loss_weights=[0.5, 0.05], temperature=3.0)
             >>> model.exits, model.feature_layer, model.feature_weight, model.kd_weight, model.task_weight
-            (('stages.0', 'stages.1'), 'pool', 0.5, 0.05, 0.0)
+            (('1', '3'), '5', 0.5, 0.05, 0.0)
         """
         return cls(
             backbone,
@@ -240,110 +242,21 @@ class SelfDistillModule(FactoryModule):
         """
         if len(self.heads) == len(self.exits):
             return
-        order: list[str] = []
-        names = {module: name for name, module in self.backbone.named_modules()}
-        exit_modules = {find_layer(self.backbone, name, role="backbone"): name for name in self.exits}
-        calls: list[tuple[nn.Module, Any, Any]] = []
-        versions: list[tuple[int | None, int | None]] = []  # of each call's output and first input, as it returned
-
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            calls.append((module, args, output))
-            versions.append((_version(output), _version(args[0]) if args else None))
-            if module in exit_modules:
-                order.append(exit_modules[module])
-
-        handle = nn.modules.module.register_module_forward_hook(record)
-        modes = {module: module.training for module in self.modules()}
-        self.eval()
-        try:
-            with torch.inference_mode(False), torch.no_grad():  # tensors with version counters
-                logits = extract_logits(call_with_inputs(self.backbone, _to_device(inputs, self)), role="backbone")
-        finally:
-            handle.remove()
-            for module, training in modes.items():
-                module.training = training
-        if logits.ndim != 2:
-            raise ValueError(
-                f"SelfDistillModule's exits give one prediction per sample, but the backbone returns logits of shape "
-                f"{tuple(logits.shape)} (per-token logits: a language model or token classifier). HINT: self-"
-                "distillation here is for (B, C) classifiers (CNNs, ViTs, sequence classifiers)."
-            )
-        if logits.shape[-1] != self.num_classes:
-            raise ValueError(
-                f"The backbone returns {logits.shape[-1]} logits per sample but `num_classes` is {self.num_classes}."
-            )
-        if order != list(self.exits):
-            raise ValueError(
-                f"The exits must each run once, in forward order; the backbone ran them as {order}, expected "
-                f"{list(self.exits)}. HINT: list the exits shallow to deep, naming layers every forward goes through."
-            )
-        outputs = {exit_modules[m]: out for m, _, out in calls if m in exit_modules}
-        for name, out in outputs.items():
-            if not isinstance(out, Tensor) or out.ndim < 2 or out.shape[0] != logits.shape[0]:
-                raise ValueError(
-                    f"Exit {name!r} must output a batch-first tensor, got "
-                    f"{type(out).__name__}{'' if not isinstance(out, Tensor) else tuple(out.shape)}."
-                )
-        hint_call, self.hint_key = self._find_hint(calls, names, logits)
-        parts = {exit_modules[m]: (i, 0) for i, (m, _, _) in enumerate(calls) if m in exit_modules}
-        hint = None
-        if hint_call is not None and self.hint_key is not None:
-            parts[self.hint_key] = (hint_call, int(self.hint_key.endswith(":input")))
-            hint = _part(calls[hint_call], parts[self.hint_key][1])
-        changed = {key: _changed(calls[i], versions[i], part) for key, (i, part) in parts.items()}
-        self._copied = None if None in changed.values() else frozenset(k for k, yes in changed.items() if yes)
-        hint_shape = None if hint is None else tuple(hint.shape[1:])
-        self.heads = nn.ModuleList(
-            ExitHead(
-                tuple(outputs[name].shape[1:]),
-                width=_width(outputs[name], self._tokens(outputs[name])) if hint_shape is None else hint_shape[0],
-                num_classes=self.num_classes,
-                hint_shape=hint_shape,
-                tokens=self._tokens(outputs[name]),
-            )
-            for name in self.exits
-        ).to(logits.device)
+        plan = plan_exits(
+            self.backbone,
+            self.exits,
+            _to_device(inputs, self),
+            num_classes=self.num_classes,
+            feature_layer=self.feature_layer,
+            feature_weight=self.feature_weight,
+        )
+        self.heads, self.hint_key, self._copied = plan.heads, plan.hint_key, plan.copied
         self._capture = None  # rebuilt with the hint key on next use
-
-    def _tokens(self, feature: Tensor) -> bool:
-        """Whether an exit's output is token features ``(B, L, D)`` rather than a channel-first map.
-
-        Token features are a Hugging Face backbone's hidden states: rank 3, the last dimension ``config.hidden_size``.
-        """
-        hidden_size = getattr(getattr(self.backbone, "config", None), "hidden_size", None)
-        return feature.ndim == 3 and isinstance(hidden_size, int) and feature.shape[-1] == hidden_size
-
-    def _find_hint(
-        self, calls: list[tuple[nn.Module, Any, Any]], names: dict[nn.Module, str], logits: Tensor
-    ) -> tuple[int | None, str | None]:
-        """The deepest feature's call index and capture key: ``feature_layer``'s output, else the classifier's input."""
-        if self.feature_layer is not None:
-            layer = find_layer(self.backbone, self.feature_layer, role="backbone")
-            found = [i for i, (m, _, _) in enumerate(calls) if m is layer]
-            if not found or not isinstance(calls[found[-1]][2], Tensor):
-                raise ValueError(f"`feature_layer` {self.feature_layer!r} did not return a tensor in the forward.")
-            return found[-1], self.feature_layer
-        for i, (module, args, out) in enumerate(calls):  # hooks fire as modules finish: the logits' innermost producer
-            if out is logits and args and isinstance(args[0], Tensor) and names.get(module):
-                return i, f"{names[module]}:input"
-        if self.feature_weight > 0:
-            raise ValueError(
-                "Cannot find the deepest feature: no layer of the backbone returns its logits as they are. HINT: pass "
-                "`feature_layer=` (the layer whose output feeds the classifier), or `feature_weight=0.0`."
-            )
-        return None, None
 
     def _ensure_capture(self) -> FeatureCapture:
         """The forward hooks on the exits (and the deepest feature), attached to the backbone."""
         if self._capture is None:
-            capture = FeatureCapture(role="backbone")
-            for name in self.exits:
-                capture.add(name)
-            if self.hint_key is not None:
-                layer, _, kind = self.hint_key.partition(":")
-                capture.add_input(layer) if kind == "input" else capture.add(layer)
-            capture.add_copies(self._copied or ())
-            self._capture = capture
+            self._capture = exit_capture(self.exits, self.hint_key, self._copied)
         self._capture.attach(self.backbone)
         return self._capture
 
@@ -401,21 +314,8 @@ class SelfDistillModule(FactoryModule):
         return [*logits, deepest], hints, None if self.hint_key is None else captured[self.hint_key]
 
     def _learn_copies(self, inputs: Any) -> None:
-        """Find which captured outputs the backbone changes in place, from one forward in eval mode without gradient.
-
-        Only for heads restored without that knowledge (a checkpoint written before it was stored).
-        """
-        capture = self._ensure_capture()
-        modes = {module: module.training for module in self.backbone.modules()}
-        self.backbone.eval()
-        try:
-            with torch.inference_mode(False), torch.no_grad(), capture.recording():
-                call_with_inputs(self.backbone, inputs)
-            capture.take(learn=True)
-        finally:
-            for module, training in modes.items():
-                module.training = training
-        self._copied = capture.copied
+        """Learn which captured outputs the backbone changes in place (heads restored without that knowledge)."""
+        self._copied = learn_copies(self.backbone, self._ensure_capture(), inputs)
 
     # ------------------------------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -588,26 +488,6 @@ class SelfDistillModule(FactoryModule):
                 {name: find_layer(self.backbone, name, role="backbone") for name in self.exits},
             )
         return cached[1]
-
-
-def _version(value: Any) -> int | None:
-    return tensor_version(value) if isinstance(value, Tensor) else None
-
-
-def _part(call: tuple[nn.Module, Any, Any], part: int) -> Tensor:
-    """A recorded call's output (``part`` 0) or first input (1)."""
-    return cast(Tensor, call[2] if part == 0 else call[1][0])
-
-
-def _changed(call: tuple[nn.Module, Any, Any], versions: tuple[int | None, int | None], part: int) -> bool | None:
-    """Whether that part changed in place since the layer returned; ``None`` if unknown (inference tensors)."""
-    before, after = versions[part], _version(_part(call, part))
-    return None if before is None or after is None else after != before
-
-
-def _width(feature: Tensor, tokens: bool) -> int:
-    """The width of an exit feature: its last dimension for tokens, its channels (dimension 1) otherwise."""
-    return feature.shape[-1] if tokens else feature.shape[1]
 
 
 def _to_device(inputs: Any, module: L.LightningModule) -> Any:

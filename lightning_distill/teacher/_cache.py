@@ -77,6 +77,7 @@ class TeacherCache:
         self.teacher_runs = 0  # batches the teacher had to run on (for reports and tests)
         self._meta: dict[str, Any] | None = None
         self._arrays: dict[str, np.memmap] = {}
+        self._views: dict[str, np.ndarray] = {}
         self._verified_epoch = -1
 
     # ------------------------------------------------------------------------------------------------------- files
@@ -124,6 +125,8 @@ class TeacherCache:
             )
         self._meta = found
         self._arrays = {name: self._map(name, shape, dtype, "r+") for name, (shape, dtype) in _layout(found).items()}
+        # plain ndarray views of the same mapped memory: indexing them skips np.memmap's per-result bookkeeping
+        self._views = {name: np.asarray(array) for name, array in self._arrays.items()}
         return True
 
     def _allocate(self, meta: dict[str, Any]) -> None:
@@ -163,9 +166,13 @@ class TeacherCache:
                 f"TeacherCache needs each batch's sample indices, but the batch is a {type(batch).__name__}. HINT: "
                 "wrap the training dataset: `IndexedDataset(dataset)` (from lightning_distill.demos)."
             )
-        index, view = (np.asarray(torch.as_tensor(x).cpu()).reshape(-1).astype(np.int64) for x in batch[:2])
+        index, view = _flat_int64(batch[0]), _flat_int64(batch[1])
         assert self._meta is not None
         samples, views = self._meta["num_samples"], self._meta["views"]
+        if index.shape != view.shape:
+            raise IndexError(f"A batch has {index.size} sample indices but {view.size} views.")
+        if index.size and index.min() >= 0 and index.max() < samples and view.min() >= 0 and view.max() < views:
+            return index * views + view
         bad = (index < 0) | (index >= samples) | (view < 0) | (view >= views)
         if bad.any():
             raise IndexError(
@@ -176,7 +183,7 @@ class TeacherCache:
 
     def filled(self, rows: np.ndarray) -> np.ndarray:
         """Which of ``rows`` are stored."""
-        return np.asarray(self._arrays["filled"][rows]).astype(bool)
+        return self._views["filled"][rows].astype(bool)
 
     def store(self, rows: np.ndarray, logits: Tensor) -> None:
         """Encode the teacher's logits ``(B, C)`` and write the rows: data, then checksum, then the filled flag."""
@@ -192,9 +199,10 @@ class TeacherCache:
         Raises:
             ValueError: If a row's checksum does not match (a corrupted or torn row).
         """
+        views = self._views
         names = ("values",) if self.top_k is None else ("values", "indices", "tail")
-        parts = {name: np.asarray(self._arrays[name][rows]) for name in names}
-        bad = _crc(parts) != np.asarray(self._arrays["crc"][rows])
+        parts = {name: views[name][rows] for name in names}
+        bad = _crc(parts) != views["crc"][rows]
         if bad.any():
             raise ValueError(
                 f"Teacher cache {str(self.path)!r}: rows {rows[bad][:5].tolist()} fail their checksum (corrupted "
@@ -238,7 +246,7 @@ class TeacherCache:
         objective is the same in every epoch. The first fully cached batch of each epoch is also compared with a
         fresh teacher run when ``verify``.
         """
-        if self.filled(rows).all():
+        if self._views["filled"][rows].all():
             stored = self.load(rows, device)
             if self.verify and self._verified_epoch != epoch:
                 self._check_fresh(stored, run(), epoch)
@@ -305,5 +313,14 @@ def _crc(parts: dict[str, np.ndarray]) -> np.ndarray:
     """CRC-32 of each row over every part's bytes, in a fixed order."""
     count = len(next(iter(parts.values())))
     flat = [np.ascontiguousarray(parts[name]).reshape(count, -1).view(np.uint8) for name in sorted(parts)]
-    joined = np.concatenate(flat, axis=1)
-    return np.fromiter((zlib.crc32(row.tobytes()) for row in joined), dtype=np.uint32, count=count)
+    joined = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
+    return np.fromiter(map(zlib.crc32, joined), dtype=np.uint32, count=count)  # each row through its buffer
+
+
+def _flat_int64(value: Any) -> np.ndarray:
+    """A batch's sample indices (or views) as a flat int64 array on the CPU (shared with a CPU tensor, no copy)."""
+    if isinstance(value, Tensor):
+        if value.device.type != "cpu":
+            value = value.cpu()
+        return (value if value.dtype is torch.int64 else value.long()).detach().numpy().reshape(-1)
+    return np.asarray(value, dtype=np.int64).reshape(-1)

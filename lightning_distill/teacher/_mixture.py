@@ -27,7 +27,8 @@ class TeacherMixture(nn.Module):
     """Runs every teacher on the same inputs and returns the logits of their weighted mixture at ``temperature``.
 
     The teachers are direct submodules named by their keys, so a feature map names a teacher's layer
-    ``"<key>.<layer>"`` (``"a.layer2"``). The callback sets :attr:`temperature` from the module before every run.
+    ``"<key>.<layer>"`` (``"a.layer2"``). The callback sets :attr:`temperature` to the temperature the module
+    requests before every run.
 
     Args:
         teachers: Name -> teacher model (at least two). Each returns logits (a tensor, ``.logits`` or

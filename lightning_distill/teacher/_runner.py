@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import pickle
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +20,14 @@ from torch import Tensor, nn
 
 from lightning_distill._batches import call_with_inputs, extract_logits
 from lightning_distill.features._capture import FeatureCapture, ModifiedInPlaceError, Selector
+from lightning_distill.teacher._sharding import (
+    StrategyKind,
+    TeacherSharding,
+    check_sharding_option,
+    module_bytes,
+    resolve_sharding,
+    shard_teacher,
+)
 
 _SAMPLES_PER_TENSOR = 4096
 
@@ -38,7 +46,35 @@ def _check_device(device: str | torch.device) -> torch.device:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"`teacher_device` must be a device such as 'cpu' or 'cuda:1', got {device!r}: {err}") from err
+        raise ValueError(
+            f"`device` must be a device such as 'cpu' or 'cuda:1', got {device!r}: {err}. HINT: "
+            "`TeacherRunner(teacher, device='cpu')`, or leave it None to follow the student."
+        ) from err
+
+
+def _check_available(device: torch.device) -> None:
+    """Raise if a requested teacher device does not exist on this machine (before any weight is moved)."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (device.index is not None and device.index >= count):
+        raise RuntimeError(
+            f"The teacher's `device={str(device)!r}` is not available: this machine has {count} CUDA device(s). "
+            "HINT: pass 'cpu' or an existing 'cuda:<index>'."
+        )
+
+
+def _check_units(units: object) -> tuple[type[nn.Module], ...]:
+    if (
+        isinstance(units, (str, type))
+        or not isinstance(units, Sequence)
+        or not all(isinstance(u, type) and issubclass(u, nn.Module) for u in units)
+    ):
+        raise TypeError(
+            f"`shard_units` must be a sequence of nn.Module classes, got {units!r}. HINT: pass the teacher's "
+            "block class, e.g. `TeacherRunner(teacher, shard_units=[MyTransformerBlock])`."
+        )
+    return tuple(units)
 
 
 def _first_tensor_device(inputs: Any) -> torch.device | None:
@@ -107,18 +143,19 @@ def load_teacher_checkpoint(teacher: nn.Module, path: str | Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"`teacher_checkpoint` {str(path)!r} does not exist or is not a file.")
+        raise FileNotFoundError(f"The teacher checkpoint {str(path)!r} does not exist or is not a file.")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as err:
         raise ValueError(
-            f"`teacher_checkpoint` {str(path)!r} could not be read as a checkpoint with `torch.load(weights_only=True)`"
-            f": {err}. HINT: save the teacher's weights with `torch.save(teacher.state_dict(), path)`."
+            f"The teacher checkpoint {str(path)!r} could not be read as a checkpoint with "
+            f"`torch.load(weights_only=True)`: {err}. HINT: save the teacher's weights with "
+            "`torch.save(teacher.state_dict(), path)`."
         ) from err
     state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(
-            f"`teacher_checkpoint` {str(path)!r} holds no state dict (got {type(loaded).__name__}). HINT: pass a "
+            f"The teacher checkpoint {str(path)!r} holds no state dict (got {type(loaded).__name__}). HINT: pass a "
             "Lightning checkpoint or a file written by `torch.save(teacher.state_dict(), path)`."
         )
     expected = teacher.state_dict()
@@ -132,7 +169,7 @@ def load_teacher_checkpoint(teacher: nn.Module, path: str | Path) -> None:
     ]
     if missing or unexpected or mis_shaped:
         raise ValueError(
-            f"`teacher_checkpoint` {str(path)!r} does not match the teacher ({type(teacher).__name__}): "
+            f"The teacher checkpoint {str(path)!r} does not match the teacher ({type(teacher).__name__}): "
             f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}, shape mismatches {mis_shaped[:10]}. "
             "HINT: build the teacher with the same architecture and arguments it was trained with."
         )
@@ -179,20 +216,37 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
 class TeacherRunner:
     """Holds a frozen teacher in eval mode, places it, and runs it once per batch without gradient.
 
+    Everything about *where and how* the teacher runs is given here, so that
+    :class:`~lightning_distill.DistillationCallback` and :class:`~lightning_distill.Distiller` take one object:
+    ``DistillationCallback(TeacherRunner(teacher, checkpoint="teacher.ckpt", precision="bf16"))``.
+
     Args:
-        teacher: The teacher model. Its parameters are frozen (``requires_grad_(False)``) and it is put in eval mode.
+        teacher: The teacher model (or a :class:`~lightning_distill.teacher.TeacherMixture`). Its parameters are
+            frozen (``requires_grad_(False)``) and it is put in eval mode.
+        checkpoint: Optional Lightning ``.ckpt`` or plain ``state_dict`` file loaded strictly into ``teacher`` here
+            (one wrapping prefix such as ``"net."`` is stripped when that makes it match; see
+            :func:`load_teacher_checkpoint`).
         logits_layer: Optional dotted name of an inner layer whose output are the logits, for teachers that end in a
             softmax or return something else (the output of that layer is captured by a forward hook).
-        precision: The teacher's own precision (``"32"``, ``"64"``, ``"16"``, ``"bf16"``): its weights and floating
-            inputs are cast to it and it runs outside the Trainer's autocast. ``None`` follows the Trainer.
+        precision: The teacher's own precision (``"32"``, ``"64"``, ``"16"``, ``"bf16"``), e.g. a ``"bf16"`` teacher
+            for a float32 student: its weights and floating inputs are cast to it and it runs outside the Trainer's
+            autocast. ``None`` follows the Trainer.
         device: The teacher's own device (e.g. a big teacher kept on ``"cpu"`` or another GPU): inputs are moved to
             it and the outputs back to the inputs' device. ``None`` follows the student.
+        sharding: Under ``FSDPStrategy`` / ``ModelParallelStrategy``: ``"shard"`` the teacher across all processes
+            with FSDP2 (no optimizer, no gradients, each unit's weights gathered for its forward and freed after),
+            ``"replicate"`` it (a full copy per process), or ``"auto"`` (default): shard when its weights take at
+            least 1 GiB. Under other strategies ``"auto"`` replicates and ``"shard"`` is refused (see :meth:`shard`).
+        shard_units: Module classes of the teacher to shard as separate FSDP units (e.g. its transformer block class),
+            so its forward never holds more than one unit's full weights; by default the whole teacher is one unit.
 
     Raises:
         TypeError: If ``teacher`` is not an ``nn.Module`` or is wrapped in ``DataParallel`` /
-            ``DistributedDataParallel``.
-        ValueError: If ``logits_layer`` names no layer of the teacher (the message lists the closest names), or for an
-            unknown ``precision`` or ``device``.
+            ``DistributedDataParallel``, ``checkpoint`` is not a path, or ``shard_units`` are not module classes.
+        ValueError: If ``logits_layer`` names no layer of the teacher (the message lists the closest names), for an
+            unknown ``precision``, ``device`` or ``sharding``, ``sharding="shard"`` together with a ``device``, or a
+            checkpoint that does not match the teacher.
+        FileNotFoundError: For a ``checkpoint`` that does not exist.
 
     Example::
 
@@ -206,9 +260,13 @@ class TeacherRunner:
     def __init__(
         self,
         teacher: nn.Module,
+        *,
+        checkpoint: str | Path | None = None,
         logits_layer: str | None = None,
         precision: TeacherPrecision | None = None,
         device: str | torch.device | None = None,
+        sharding: TeacherSharding = "auto",
+        shard_units: Sequence[type[nn.Module]] = (),
     ) -> None:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"`teacher` must be a torch.nn.Module, got {type(teacher).__name__}.")
@@ -219,8 +277,20 @@ class TeacherRunner:
             )
         if precision is not None and precision not in _TEACHER_DTYPES:
             raise ValueError(
-                f"`teacher_precision` must be one of {list(_TEACHER_DTYPES)} or None (follow the Trainer), got "
-                f"{precision!r}."
+                f"`precision` must be one of {list(_TEACHER_DTYPES)} or None (follow the Trainer), got "
+                f"{precision!r}. HINT: `TeacherRunner(teacher, precision='bf16')`."
+            )
+        if checkpoint is not None and not isinstance(checkpoint, (str, Path)):
+            raise TypeError(
+                f"`checkpoint` must be a path (str or Path), got {type(checkpoint).__name__}. HINT: "
+                "`TeacherRunner(teacher, checkpoint='teacher.ckpt')`."
+            )
+        self.sharding = check_sharding_option(sharding)
+        self.shard_units = _check_units(shard_units)
+        if sharding == "shard" and device is not None:
+            raise ValueError(
+                f"`sharding='shard'` spreads the teacher over every process's device, so it cannot also stay on "
+                f"`device={str(device)!r}`. HINT: drop one of the two options."
             )
         self.teacher = teacher
         self.logits_layer = logits_layer
@@ -232,6 +302,9 @@ class TeacherRunner:
         self._feature_keys: list[str] = []
         self.set_features(())
         self.freeze()
+        if checkpoint is not None:
+            load_teacher_checkpoint(teacher, checkpoint)
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
 
     def freeze(self) -> None:
         """Turn off gradients for every teacher parameter and put the teacher in eval mode."""
@@ -243,7 +316,12 @@ class TeacherRunner:
 
         With a runner ``precision`` the weights are cast to it; otherwise ``convert`` (the Trainer's conversion for
         ``*-true`` precisions) is applied when given.
+
+        Raises:
+            RuntimeError: If the runner's own ``device`` is a CUDA device this machine does not have.
         """
+        if self.device is not None:
+            _check_available(self.device)
         self.remove_hooks()  # a conversion may return a new module: hooks are attached again on the next run
         self.teacher.to(self.device if self.device is not None else device)
         if self.dtype is not None:
@@ -251,6 +329,29 @@ class TeacherRunner:
         elif convert is not None:
             self.teacher = convert(self.teacher)
         self.freeze()
+
+    def shard(self, kind: StrategyKind, strategy_name: str, device: torch.device) -> bool:
+        """Shard the placed teacher across every process when :attr:`sharding`, the strategy and its size say so.
+
+        A teacher on its own ``device`` is never sharded.
+
+        Args:
+            kind: The strategy's :func:`~lightning_distill.teacher._sharding.strategy_kind`.
+            strategy_name: The strategy's class name, for the error message.
+            device: This process's device.
+
+        Returns:
+            Whether the teacher is sharded now.
+
+        Raises:
+            ValueError: For ``sharding="shard"`` under a strategy that does not shard.
+        """
+        if self.device is not None or not resolve_sharding(
+            self.sharding, kind, strategy_name, module_bytes(self.teacher)
+        ):
+            return False
+        shard_teacher(self.teacher, device, self.shard_units)
+        return True
 
     def set_features(self, layers: Iterable[tuple[str, Selector]]) -> list[str]:
         """Request the outputs of these ``(layer name, selector)`` pairs on every run; replaces earlier requests.

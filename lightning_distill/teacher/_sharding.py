@@ -30,7 +30,8 @@ across all processes) or ``"auto"`` (shard when the teacher is at least :data:`A
 StrategyKind = Literal["single", "ddp", "deepspeed", "fsdp", "model_parallel", "untested"]
 
 AUTO_SHARD_BYTES = 1 << 30
-"""``teacher_sharding="auto"`` shards a teacher whose weights take at least this many bytes (1 GiB) under FSDP."""
+"""``TeacherRunner(sharding="auto")`` shards a teacher whose weights take at least this many bytes (1 GiB) under
+FSDP."""
 
 _SHARDING_OPTIONS = ("auto", "replicate", "shard")
 _SHARDABLE: tuple[StrategyKind, ...] = ("fsdp", "model_parallel")
@@ -57,7 +58,10 @@ def strategy_kind(strategy: Strategy) -> StrategyKind:
 def check_sharding_option(sharding: object) -> TeacherSharding:
     """Return ``sharding`` if it is one of ``"auto"``, ``"replicate"``, ``"shard"``; raise ``ValueError`` otherwise."""
     if sharding not in _SHARDING_OPTIONS:
-        raise ValueError(f"`teacher_sharding` must be one of {list(_SHARDING_OPTIONS)}, got {sharding!r}.")
+        raise ValueError(
+            f"`sharding` must be one of {list(_SHARDING_OPTIONS)}, got {sharding!r}. HINT: leave the default "
+            "`TeacherRunner(teacher, sharding='auto')` to shard only a large teacher under FSDP."
+        )
     return sharding  # type: ignore[return-value]
 
 
@@ -65,7 +69,7 @@ def resolve_sharding(sharding: TeacherSharding, kind: StrategyKind, strategy_nam
     """Decide whether the teacher is sharded: the option, the strategy and the teacher's size.
 
     Args:
-        sharding: The ``teacher_sharding`` option.
+        sharding: The :class:`~lightning_distill.teacher.TeacherRunner`'s ``sharding`` option.
         kind: The strategy's :func:`strategy_kind`.
         strategy_name: The strategy's class name, for the error message.
         teacher_bytes: The bytes of the teacher's parameters and buffers.
@@ -90,12 +94,12 @@ def resolve_sharding(sharding: TeacherSharding, kind: StrategyKind, strategy_nam
             return False
         hint = (
             "under DeepSpeed the teacher is kept out of the ZeRO engine as a full inference replica per process; "
-            "`teacher_precision='bf16'` halves its memory"
+            "`TeacherRunner(teacher, precision='bf16')` halves its memory"
             if kind == "deepspeed"
-            else "use `strategy='fsdp'` or `ModelParallelStrategy`, or `teacher_sharding='replicate'`"
+            else "use `strategy='fsdp'` or `ModelParallelStrategy`, or `TeacherRunner(teacher, sharding='replicate')`"
         )
         raise ValueError(
-            f"`teacher_sharding='shard'` needs a sharding strategy (FSDPStrategy or ModelParallelStrategy), but the "
+            f"`sharding='shard'` needs a sharding strategy (FSDPStrategy or ModelParallelStrategy), but the "
             f"Trainer's strategy is {strategy_name}. HINT: {hint}."
         )
     return sharding == "shard" or teacher_bytes >= AUTO_SHARD_BYTES

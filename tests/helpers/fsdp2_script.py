@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from lightning_distill import DistillationCallback, DistillModule, FeatureMap
+from lightning_distill import DistillationCallback, DistillModule, FeatureMap, TeacherRunner
 from tests.helpers.tiny import TinyTeacher, make_data, make_loader, make_trainer, tiny_student
 
 
@@ -81,7 +81,8 @@ def main(out: Path, sharding: str, shard_root: bool) -> None:
     torch.manual_seed(0)
     teacher = TinyTeacher()
     reference = copy.deepcopy(teacher).eval()
-    teacher_callback = DistillationCallback(teacher, teacher_sharding=sharding, teacher_shard_units=[nn.Linear])  # type: ignore[arg-type]
+    runner = TeacherRunner(teacher, sharding=sharding, shard_units=[nn.Linear])  # type: ignore[arg-type]
+    teacher_callback = DistillationCallback(runner)
     trainer = make_trainer(
         out,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),

@@ -49,6 +49,7 @@ from lightning_distill.losses.functional.logits import (
     distillation_loss,
     distillation_loss_terms,
     kd_loss,
+    weigh_terms,
 )
 
 __all__ = [
@@ -73,4 +74,5 @@ __all__ = [
     "kl_feature_loss",
     "l1_feature_loss",
     "mse_feature_loss",
+    "weigh_terms",
 ]

@@ -1,4 +1,8 @@
-"""Validation and row helpers shared by the functional losses (private: import from ``functional``)."""
+"""Validation and row helpers shared by the losses (a private module: users import from ``functional``).
+
+Its plain names are shared with the other loss modules (and the library's validation of the same arguments); the
+public ones (``check_alpha``, ``check_temperature``, ...) are re-exported by :mod:`lightning_distill.losses.functional`.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ _DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 # --------------------------------------------------------------------------------------------------------------------
 # Hyper-parameter validation (shared with the module twins and DistillModule)
 # --------------------------------------------------------------------------------------------------------------------
-def _is_real_number(value: object) -> bool:
+def is_real_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -36,7 +40,7 @@ def check_alpha(alpha: float) -> float:
         >>> check_alpha(0.9)
         0.9
     """
-    if not _is_real_number(alpha) or not 0.0 <= alpha <= 1.0:
+    if not is_real_number(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(
             f"`alpha` must be in [0, 1], got {alpha!r}. It weights the distillation term: 1.0 is pure distillation, "
             "0.0 plain supervised training."
@@ -58,7 +62,7 @@ def check_temperature(temperature: float) -> float:
         >>> check_temperature(4)
         4.0
     """
-    if not _is_real_number(temperature) or not (temperature > 0.0 and math.isfinite(temperature)):
+    if not is_real_number(temperature) or not (temperature > 0.0 and math.isfinite(temperature)):
         raise ValueError(
             f"`temperature` must be a finite number > 0, got {temperature!r}. HINT: 1.0 leaves the logits unchanged; "
             "Hinton et al. use values between 1 and 20."
@@ -81,7 +85,7 @@ def check_weight(name: str, value: float) -> float:
         >>> check_weight("nckd_weight", 8)
         8.0
     """
-    if not _is_real_number(value) or not (value >= 0.0 and math.isfinite(value)):
+    if not is_real_number(value) or not (value >= 0.0 and math.isfinite(value)):
         raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}. HINT: 0.0 switches its term off.")
     return float(value)
 
@@ -94,7 +98,7 @@ def check_js_beta(beta: float) -> float:
         >>> check_js_beta(0.9)
         0.9
     """
-    if not _is_real_number(beta) or not 0.0 < float(beta) < 1.0:
+    if not is_real_number(beta) or not 0.0 < float(beta) < 1.0:
         raise ValueError(
             f"`js_beta` must be a number in (0, 1) (the teacher's weight in the JSD mixture), got {beta!r}. HINT: "
             "0.5 is the symmetric Jensen-Shannon divergence; for pure forward or reverse KL use divergence='kl' or "
@@ -142,7 +146,14 @@ def check_choice(what: str, value: object, options: tuple[str, ...], note: str =
     return value
 
 
-def _check_ignore_index(ignore_index: int) -> int:
+def check_power(p: float) -> float:
+    """Validate the exponent of attention maps (a finite number ``> 0``) and return it as a float."""
+    if not is_real_number(p) or not (p > 0.0 and math.isfinite(p)):
+        raise ValueError(f"`p` must be a finite number > 0, got {p!r}. HINT: the attention-transfer paper uses p=2.")
+    return float(p)
+
+
+def check_ignore_index(ignore_index: int) -> int:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"`ignore_index` must be an int, got {ignore_index!r}.")
     return ignore_index
@@ -151,7 +162,7 @@ def _check_ignore_index(ignore_index: int) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # Tensor validation
 # --------------------------------------------------------------------------------------------------------------------
-def _check_logits(name: str, logits: object) -> Tensor:
+def check_logits(name: str, logits: object) -> Tensor:
     if not isinstance(logits, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}.")
     if logits.ndim < 1 or not logits.is_floating_point():
@@ -162,9 +173,9 @@ def _check_logits(name: str, logits: object) -> Tensor:
     return logits
 
 
-def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    _check_logits("student logits", student_logits)
-    _check_logits("teacher logits", teacher_logits)
+def check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    check_logits("student logits", student_logits)
+    check_logits("teacher logits", teacher_logits)
     if student_logits.shape == teacher_logits.shape:
         return
     s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
@@ -184,7 +195,7 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
     raise ValueError(f"student logits {s_shape} and teacher logits {t_shape} must have the same shape, but {why}")
 
 
-def _check_mask(mask: Tensor | None, lead_shape: tuple[int, ...]) -> None:
+def check_mask(mask: Tensor | None, lead_shape: tuple[int, ...]) -> None:
     if mask is None:
         return
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
@@ -199,7 +210,7 @@ def _check_mask(mask: Tensor | None, lead_shape: tuple[int, ...]) -> None:
         )
 
 
-def _check_target(target: Tensor, lead_shape: tuple[int, ...]) -> None:
+def check_target(target: Tensor, lead_shape: tuple[int, ...]) -> None:
     if (
         not isinstance(target, Tensor)
         or target.is_floating_point()
@@ -215,7 +226,7 @@ def _check_target(target: Tensor, lead_shape: tuple[int, ...]) -> None:
         )
 
 
-def _check_target_range(target_rows: Tensor, num_classes: int, ignore_index: int) -> None:
+def check_target_range(target_rows: Tensor, num_classes: int, ignore_index: int) -> None:
     if target_rows.numel() == 0:
         return
     low, high = (int(v) for v in torch.aminmax(target_rows))
@@ -230,14 +241,16 @@ def _check_target_range(target_rows: Tensor, num_classes: int, ignore_index: int
 # --------------------------------------------------------------------------------------------------------------------
 # Row selection and math on (N, C) rows
 # --------------------------------------------------------------------------------------------------------------------
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
     dtype = tensors[0].dtype
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _keep(target: Tensor | None, mask: Tensor | None, ignore_index: int, device: torch.device) -> Tensor | None:
+def counted_positions(
+    target: Tensor | None, mask: Tensor | None, ignore_index: int, device: torch.device
+) -> Tensor | None:
     """Flat bool selector of the counted positions, or ``None`` when every position counts (no copy needed)."""
     keep = None if mask is None else mask.reshape(-1).to(device)
     if target is not None:
@@ -248,10 +261,10 @@ def _keep(target: Tensor | None, mask: Tensor | None, ignore_index: int, device:
     return keep
 
 
-def _select(
+def select_counted(
     target: Tensor | None, mask: Tensor | None, ignore_index: int, num_classes: int, device: torch.device
 ) -> tuple[Tensor | None, bool]:
-    """The counted-position selector (see :func:`_keep`) and whether the targets are already known to be in range.
+    """The selector of :func:`counted_positions` and whether the targets are already known to be in range.
 
     The common case, no mask and no ignored target, is settled by one ``aminmax`` (one device sync): every position
     counts and every target is a valid class, so neither a selection nor a second range check is needed.
@@ -260,10 +273,10 @@ def _select(
         low, high = (int(v) for v in torch.aminmax(target))
         if 0 <= low and high < num_classes and not low <= ignore_index <= high:
             return None, True
-    return _keep(target, mask, ignore_index, device), False
+    return counted_positions(target, mask, ignore_index, device), False
 
 
-def _rows(x: Tensor, keep: Tensor | None) -> Tensor:
+def flat_rows(x: Tensor, keep: Tensor | None) -> Tensor:
     """Flatten the leading dims of ``x`` and keep the counted rows (one boolean-index pass)."""
     if keep is None and x.ndim == 2:
         return x  # already (N, C): no view, so no extra autograd node
@@ -271,31 +284,31 @@ def _rows(x: Tensor, keep: Tensor | None) -> Tensor:
     return flat if keep is None else flat[keep]
 
 
-def _counted_rows(
+def counted_rows(
     student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, mask: Tensor | None, ignore_index: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The counted rows of both logits (upcast) and of ``target`` (range-checked); inputs already validated."""
     num_classes = student_logits.shape[-1]
-    keep, in_range = _select(target, mask, ignore_index, num_classes, student_logits.device)
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    student = _rows(student_logits, keep).to(dtype)
-    teacher = _rows(teacher_logits, keep).to(dtype)
+    keep, in_range = select_counted(target, mask, ignore_index, num_classes, student_logits.device)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    student = flat_rows(student_logits, keep).to(dtype)
+    teacher = flat_rows(teacher_logits, keep).to(dtype)
     if target is None:
         return student, teacher, None
-    target_rows = _rows(target.unsqueeze(-1), keep).squeeze(-1)
+    target_rows = flat_rows(target.unsqueeze(-1), keep).squeeze(-1)
     if not in_range:
-        _check_target_range(target_rows, num_classes, ignore_index)
+        check_target_range(target_rows, num_classes, ignore_index)
     return student, teacher, target_rows
 
 
-def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+def log_probs(logits: Tensor, temperature: float) -> Tensor:
     # -inf logits (masked vocabulary) would give 0 * (-inf) = NaN in the KL sum; the most negative finite value
     # gives the same probability (zero) without the NaN. Finite log-probabilities are untouched.
     scaled = logits if temperature == 1.0 else logits / temperature
     return F.log_softmax(scaled, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
 
 
-def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
+def log_mixture(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
     """``log(beta * p + (1 - beta) * q)``; for ``beta = 0.5`` written so that ``p == q`` gives ``log p`` exactly."""
     if beta != 0.5:
         return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
@@ -303,12 +316,12 @@ def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
     return torch.maximum(log_p, log_q) + torch.log1p(0.5 * torch.expm1(-(log_p - log_q).abs()))
 
 
-def _kl_sum(log_p: Tensor, log_q: Tensor) -> Tensor:
+def kl_sum(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(p || q)`` summed over rows and classes of ``(N, C)`` log-probabilities."""
     return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
 
 
-def _cross_entropy_mean(student: Tensor, target: Tensor) -> Tensor:
+def cross_entropy_mean(student: Tensor, target: Tensor) -> Tensor:
     """Hard-label cross-entropy averaged over the selected ``(N, C)`` rows; no rows give an attached zero."""
     if student.shape[0] == 0:
         return student.sum() * 0.0

@@ -7,15 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_distill.losses.functional._common import (
-    _check_ignore_index,
-    _check_mask,
-    _check_pair,
-    _check_target,
-    _counted_rows,
-    _kl_sum,
-    _log_probs,
+    check_ignore_index,
+    check_mask,
+    check_pair,
+    check_target,
     check_temperature,
     check_weight,
+    counted_rows,
+    kl_sum,
+    log_probs,
 )
 
 __all__ = ["dkd_loss"]
@@ -57,8 +57,8 @@ def _dkd_means(
     are clamped at 0 against rounding.
     """
     target = target_rows.long().unsqueeze(1)
-    log_s = _log_probs(student_rows, temperature)
-    log_t = _log_probs(teacher_rows, temperature)
+    log_s = log_probs(student_rows, temperature)
+    log_t = log_probs(teacher_rows, temperature)
 
     def split(log_p: Tensor) -> tuple[Tensor, Tensor]:
         others = _drop_target(log_p, target)
@@ -68,8 +68,8 @@ def _dkd_means(
     binary_s, others_s = split(log_s)
     binary_t, others_t = split(log_t)
     scale = temperature**2 / max(student_rows.shape[0], 1)
-    tckd = (_kl_sum(binary_t, binary_s) * scale).clamp(min=0.0)
-    nckd = (_kl_sum(others_t, others_s) * scale).clamp(min=0.0)
+    tckd = (kl_sum(binary_t, binary_s) * scale).clamp(min=0.0)
+    nckd = (kl_sum(others_t, others_s) * scale).clamp(min=0.0)
     return tckd, nckd
 
 
@@ -148,14 +148,14 @@ def dkd_loss(
     temperature = check_temperature(temperature)
     tckd_weight = check_weight("tckd_weight", tckd_weight)
     nckd_weight = check_weight("nckd_weight", nckd_weight)
-    ignore_index = _check_ignore_index(ignore_index)
-    _check_pair(student_logits, teacher_logits)
+    ignore_index = check_ignore_index(ignore_index)
+    check_pair(student_logits, teacher_logits)
     num_classes = student_logits.shape[-1]
     _check_dkd_inputs(target, num_classes)
     lead_shape = tuple(student_logits.shape[:-1])
-    _check_target(target, lead_shape)
-    _check_mask(mask, lead_shape)
-    student, teacher, target_rows = _counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
+    check_target(target, lead_shape)
+    check_mask(mask, lead_shape)
+    student, teacher, target_rows = counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
     assert target_rows is not None
     tckd, nckd = _dkd_means(student, teacher, target_rows, temperature)
     return tckd_weight * tckd + nckd_weight * nckd

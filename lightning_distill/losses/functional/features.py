@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_distill.losses.functional._common import (
-    _compute_dtype,
-    _is_real_number,
-    _kl_sum,
-    _log_probs,
     check_choice,
+    check_power,
+    compute_dtype,
+    kl_sum,
+    log_probs,
 )
 
 __all__ = [
@@ -67,12 +67,6 @@ def check_feature_loss(name: str) -> FeatureLossName:
     return cast(FeatureLossName, check_choice("loss", name, _FEATURE_LOSSES))
 
 
-def _check_power(p: float) -> float:
-    if not _is_real_number(p) or not (p > 0.0 and math.isfinite(p)):
-        raise ValueError(f"`p` must be a finite number > 0, got {p!r}. HINT: the attention-transfer paper uses p=2.")
-    return float(p)
-
-
 def _check_feature(name: str, feature: object, min_ndim: int, layout: str) -> Tensor:
     if not isinstance(feature, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(feature).__name__}.")
@@ -92,7 +86,7 @@ def _upcast_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     _check_feature("student features", student, 1, "(*, D)")
     _check_feature("teacher features", teacher, 1, "(*, D)")
     if student.shape == teacher.shape:
-        dtype = _compute_dtype(student, teacher)
+        dtype = compute_dtype(student, teacher)
         return student.to(dtype), teacher.to(dtype)
     s_shape, t_shape = tuple(student.shape), tuple(teacher.shape)
     if len(s_shape) != len(t_shape):
@@ -261,9 +255,9 @@ def kl_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
     s, t = _upcast_pair(student, teacher)
     if s.numel() == 0:
         return _attached_zero(s, t)
-    log_s = _log_probs(s.reshape(-1, s.shape[-1]), 1.0)
-    log_t = _log_probs(t.reshape(-1, t.shape[-1]), 1.0)
-    return (_kl_sum(log_t, log_s) / log_s.shape[0]).clamp(min=0.0)
+    log_s = log_probs(s.reshape(-1, s.shape[-1]), 1.0)
+    log_t = log_probs(t.reshape(-1, t.shape[-1]), 1.0)
+    return (kl_sum(log_t, log_s) / log_s.shape[0]).clamp(min=0.0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -310,11 +304,11 @@ def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
         >>> attention_map(feature)
         tensor([[0.2000, 0.4000, 0.4000, 0.8000]])
     """
-    p = _check_power(p)
+    p = check_power(p)
     _check_feature("feature map", feature, 3, "(N, C, *spatial)")
     if feature.shape[1] == 0:
         raise ValueError(f"feature map must have at least one channel (dim 1), got shape {tuple(feature.shape)}.")
-    values = _abs_pow(feature.to(_compute_dtype(feature)), p).mean(dim=1)
+    values = _abs_pow(feature.to(compute_dtype(feature)), p).mean(dim=1)
     flat = values.reshape(feature.shape[0], math.prod(feature.shape[2:]))
     return F.normalize(flat, p=2.0, dim=1, eps=_ATTENTION_EPS)
 
@@ -351,7 +345,7 @@ def attention_transfer_loss(student: Tensor, teacher: Tensor, p: float = 2.0) ->
         >>> round(attention_transfer_loss(s, t).item(), 4)
         0.1
     """
-    p = _check_power(p)
+    p = check_power(p)
     layout = "(N, C, *spatial)"
     _check_feature("student features", student, 3, layout)
     _check_feature("teacher features", teacher, 3, layout)
@@ -362,7 +356,7 @@ def attention_transfer_loss(student: Tensor, teacher: Tensor, p: float = 2.0) ->
             "spatial size (only the channel counts may differ). HINT: pool or resize one map first, e.g. "
             "F.adaptive_avg_pool2d(student, teacher.shape[-2:])."
         )
-    dtype = _compute_dtype(student, teacher)
+    dtype = compute_dtype(student, teacher)
     q_s = attention_map(student.to(dtype), p)
     q_t = attention_map(teacher.to(dtype), p)
     if q_s.numel() == 0:
@@ -415,7 +409,7 @@ def feature_loss(
         2.0
     """
     name = check_feature_loss(loss)
-    p = _check_power(p)
+    p = check_power(p)
     if mask is not None:
         if name == "attention":
             raise ValueError(

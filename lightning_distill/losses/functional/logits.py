@@ -10,31 +10,31 @@ from torch import Tensor
 
 from lightning_distill.losses.functional._common import (
     Divergence,
-    _check_ignore_index,
-    _check_logits,
-    _check_mask,
-    _check_pair,
-    _check_target,
-    _check_target_range,
-    _compute_dtype,
-    _counted_rows,
-    _cross_entropy_mean,
-    _keep,
-    _kl_sum,
-    _log_mixture,
-    _log_probs,
-    _rows,
-    _select,
     check_alpha,
     check_chunk_size,
     check_divergence,
+    check_ignore_index,
     check_js_beta,
+    check_logits,
+    check_mask,
+    check_pair,
+    check_target,
+    check_target_range,
     check_temperature,
     check_weight,
+    compute_dtype,
+    counted_positions,
+    counted_rows,
+    cross_entropy_mean,
+    flat_rows,
+    kl_sum,
+    log_mixture,
+    log_probs,
+    select_counted,
 )
 from lightning_distill.losses.functional.dkd import _check_dkd_inputs, _dkd_means
 
-__all__ = ["cross_entropy", "distillation_loss", "distillation_loss_terms", "kd_loss"]
+__all__ = ["cross_entropy", "distillation_loss", "distillation_loss_terms", "kd_loss", "weigh_terms"]
 
 
 def _divergence_mean(
@@ -48,17 +48,17 @@ def _divergence_mean(
     scale = temperature**2 / max(student.shape[0], 1)  # T² and the mean over rows, in one multiplication
     if divergence == "mse":
         return F.mse_loss(student, teacher, reduction="sum") / max(student.numel(), 1)
-    log_s = _log_probs(student, temperature)
-    log_t = _log_probs(teacher, temperature)
+    log_s = log_probs(student, temperature)
+    log_t = log_probs(teacher, temperature)
     if divergence == "soft_ce":
         return (log_t.exp() * log_s).sum() * -scale
     if divergence == "kl":
-        total = _kl_sum(log_t, log_s)
+        total = kl_sum(log_t, log_s)
     elif divergence == "reverse_kl":
-        total = _kl_sum(log_s, log_t)
+        total = kl_sum(log_s, log_t)
     else:  # "js" (generalized with js_beta, GKD's JSD(beta))
-        log_m = _log_mixture(log_t, log_s, js_beta)
-        total = js_beta * _kl_sum(log_t, log_m) + (1.0 - js_beta) * _kl_sum(log_s, log_m)
+        log_m = log_mixture(log_t, log_s, js_beta)
+        total = js_beta * kl_sum(log_t, log_m) + (1.0 - js_beta) * kl_sum(log_s, log_m)
     return (total * scale).clamp(min=0.0)
 
 
@@ -93,7 +93,7 @@ def _chunk_sum(
     """Sum over the counted rows of one chunk of the divergence (with T²); the float32 copies live only here."""
     if keep is not None:
         student, teacher = student[keep], teacher[keep]
-    dtype = _compute_dtype(student, teacher)
+    dtype = compute_dtype(student, teacher)
     rows = student.shape[0]
     return _divergence_mean(student.to(dtype), teacher.to(dtype), temperature, divergence, js_beta) * rows
 
@@ -121,7 +121,7 @@ class _ChunkedKD(torch.autograd.Function):
     ) -> Tensor:
         wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         grads = [torch.zeros_like(x) if want else None for x, want in zip((student, teacher), wants, strict=True)]
-        total = student.new_zeros((), dtype=_compute_dtype(student, teacher))
+        total = student.new_zeros((), dtype=compute_dtype(student, teacher))
         for start in range(0, student.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             with torch.enable_grad():
@@ -265,20 +265,20 @@ def kd_loss(
     check_divergence(divergence)
     tckd_weight = check_weight("tckd_weight", tckd_weight)
     nckd_weight = check_weight("nckd_weight", nckd_weight)
-    ignore_index = _check_ignore_index(ignore_index)
-    _check_pair(student_logits, teacher_logits)
+    ignore_index = check_ignore_index(ignore_index)
+    check_pair(student_logits, teacher_logits)
     lead_shape = tuple(student_logits.shape[:-1])
-    _check_mask(mask, lead_shape)
+    check_mask(mask, lead_shape)
     if divergence == "dkd":
         _check_dkd_inputs(target, student_logits.shape[-1])
     if target is not None:
-        _check_target(target, lead_shape)
+        check_target(target, lead_shape)
     js_beta = check_js_beta(js_beta)
     chunk = _check_chunking(chunk_size, divergence)
     if chunk is not None:
-        keep = _keep(target, mask, ignore_index, student_logits.device)
+        keep = counted_positions(target, mask, ignore_index, student_logits.device)
         return _chunked_kd_mean(student_logits, teacher_logits, keep, temperature, divergence, js_beta, chunk)
-    student, teacher, target_rows = _counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
+    student, teacher, target_rows = counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
     terms = _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight, js_beta)
     return terms["kd_loss"]
 
@@ -320,17 +320,17 @@ def cross_entropy(
         >>> round(cross_entropy(logits, torch.tensor([0, -100])).item(), 4)
         0.1698
     """
-    _check_logits("student logits", student_logits)
-    ignore_index = _check_ignore_index(ignore_index)
+    check_logits("student logits", student_logits)
+    ignore_index = check_ignore_index(ignore_index)
     lead_shape = tuple(student_logits.shape[:-1])
-    _check_target(target, lead_shape)
-    _check_mask(mask, lead_shape)
-    keep, in_range = _select(target, mask, ignore_index, student_logits.shape[-1], student_logits.device)
-    target_rows = _rows(target.unsqueeze(-1), keep).squeeze(-1)
+    check_target(target, lead_shape)
+    check_mask(mask, lead_shape)
+    keep, in_range = select_counted(target, mask, ignore_index, student_logits.shape[-1], student_logits.device)
+    target_rows = flat_rows(target.unsqueeze(-1), keep).squeeze(-1)
     if not in_range:
-        _check_target_range(target_rows, student_logits.shape[-1], ignore_index)
-    student = _rows(student_logits, keep).to(_compute_dtype(student_logits))
-    return _cross_entropy_mean(student, target_rows)
+        check_target_range(target_rows, student_logits.shape[-1], ignore_index)
+    student = flat_rows(student_logits, keep).to(compute_dtype(student_logits))
+    return cross_entropy_mean(student, target_rows)
 
 
 def distillation_loss_terms(
@@ -401,37 +401,55 @@ def distillation_loss_terms(
     check_divergence(divergence)
     tckd_weight = check_weight("tckd_weight", tckd_weight)
     nckd_weight = check_weight("nckd_weight", nckd_weight)
-    ignore_index = _check_ignore_index(ignore_index)
-    _check_pair(student_logits, teacher_logits)
+    ignore_index = check_ignore_index(ignore_index)
+    check_pair(student_logits, teacher_logits)
     lead_shape = tuple(student_logits.shape[:-1])
-    _check_mask(mask, lead_shape)
+    check_mask(mask, lead_shape)
     if divergence == "dkd":
         _check_dkd_inputs(target, student_logits.shape[-1])
     if target is None:
+        weigh_terms(student_logits.new_zeros(()), None, alpha)  # refuses a task weight without labels, early
+    else:
+        check_target(target, lead_shape)
+
+    js_beta = check_js_beta(js_beta)
+    chunk = _check_chunking(chunk_size, divergence)
+    if chunk is not None:
+        keep = counted_positions(target, mask, ignore_index, student_logits.device)
+        kd = _chunked_kd_mean(student_logits, teacher_logits, keep, temperature, divergence, js_beta, chunk)
+        task = None if target is None else cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
+        return weigh_terms(kd, task, alpha)
+    student, teacher, target_rows = counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
+    terms = _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight, js_beta)
+    kd = terms.pop("kd_loss")
+    task = None if target_rows is None else cross_entropy_mean(student, target_rows)
+    return {**weigh_terms(kd, task, alpha), **terms}
+
+
+def weigh_terms(kd: Tensor, task: Tensor | None, alpha: float) -> dict[str, Tensor]:
+    r"""The alpha-weighting of a distillation loss, :math:`\alpha \mathcal{L}_{KD} + (1 - \alpha) \mathcal{L}_{task}`.
+
+    The one place the library weighs the two terms (:func:`distillation_loss_terms`, the top-k cache's terms and
+    :class:`~lightning_distill.DistillationObjective` all call it). ``task=None`` (no labels) is pure distillation,
+    which needs ``alpha=1``: its ``task_loss`` is a zero.
+
+    Raises:
+        ValueError: For ``task=None`` with ``alpha != 1``.
+
+    Example::
+
+        >>> terms = weigh_terms(torch.tensor(2.0), torch.tensor(4.0), alpha=0.25)
+        >>> {name: value.item() for name, value in terms.items()}
+        {'loss': 3.5, 'task_loss': 4.0, 'kd_loss': 2.0}
+    """
+    if task is None:
         if alpha != 1.0:
             raise ValueError(
                 f"`target` is None but `alpha` is {alpha!r}, so the task term (weight {1.0 - alpha!r}) has no labels. "
                 "HINT: pass alpha=1.0 for pure distillation on unlabelled data."
             )
-    else:
-        _check_target(target, lead_shape)
-
-    js_beta = check_js_beta(js_beta)
-    chunk = _check_chunking(chunk_size, divergence)
-    if chunk is not None:
-        keep = _keep(target, mask, ignore_index, student_logits.device)
-        kd = _chunked_kd_mean(student_logits, teacher_logits, keep, temperature, divergence, js_beta, chunk)
-        task = (
-            kd.new_zeros(())
-            if target is None
-            else cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
-        )
-        return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd}
-    student, teacher, target_rows = _counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
-    terms = _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight, js_beta)
-    kd = terms.pop("kd_loss")
-    task = kd.new_zeros(()) if target_rows is None else _cross_entropy_mean(student, target_rows)
-    return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd, **terms}
+        task = kd.new_zeros(())
+    return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd}
 
 
 def distillation_loss(

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_distill.losses.functional._common import _check_mask, _keep, check_temperature
-from lightning_distill.losses.functional.logits import cross_entropy
+from lightning_distill.losses.functional._common import check_mask, check_temperature, counted_positions
+from lightning_distill.losses.functional.logits import cross_entropy, weigh_terms
+
+__all__ = ["topk_distillation_terms", "topk_kd_loss", "topk_log_probs"]
 
 if TYPE_CHECKING:
     from lightning_distill.teacher._runner import TopKTeacher
@@ -92,8 +94,8 @@ def topk_kd_loss(
             f"Top-k teacher shapes do not match the student logits {tuple(student_logits.shape)}: values "
             f"{tuple(values.shape)}, indices {tuple(indices.shape)}, tail {tuple(tail.shape)}."
         )
-    _check_mask(mask, lead)
-    keep = _keep(target, mask, ignore_index, student_logits.device)
+    check_mask(mask, lead)
+    keep = counted_positions(target, mask, ignore_index, student_logits.device)
     log_s = torch.log_softmax(student_logits.float().reshape(-1, student_logits.shape[-1]) / temperature, dim=-1)
     values, indices, tail = values.float().reshape(log_s.shape[0], -1), indices.long().reshape(log_s.shape[0], -1), tail
     tail = tail.float().reshape(-1)
@@ -122,7 +124,8 @@ def topk_distillation_terms(
 
     Raises:
         ValueError: If ``temperature`` or ``divergence`` differ from what the top-k teacher was stored for
-            (its temperature, ``"kl"``).
+            (its temperature, ``"kl"``), or without a ``target`` while ``alpha < 1`` (see
+            :func:`~lightning_distill.losses.functional.logits.weigh_terms`).
     """
     if temperature != topk.temperature or divergence != "kl":
         raise ValueError(
@@ -131,7 +134,5 @@ def topk_distillation_terms(
             "full logits."
         )
     kd = topk_kd_loss(student_logits, topk.values, topk.indices, topk.tail, temperature, mask, target, ignore_index)
-    if target is None:
-        return {"loss": alpha * kd, "task_loss": kd.new_zeros(()), "kd_loss": kd}
-    task = cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
-    return {"loss": alpha * kd + (1.0 - alpha) * task, "task_loss": task, "kd_loss": kd}
+    task = None if target is None else cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
+    return weigh_terms(kd, task, alpha)
