@@ -8,7 +8,6 @@ we check that it ran without an error, wrote its plots and logs, and printed whe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -36,8 +35,9 @@ def test_notebook_is_percent_format_that_round_trips(path: Path) -> None:
     notebook = jupytext.read(path, fmt="py:percent")
     assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith("# ")
     assert sum(cell.cell_type == "code" for cell in notebook.cells) >= 3
-    # plain dicts: a YAML representer registered by another test's imports must not decide how metadata is written
-    notebook.metadata = json.loads(json.dumps(notebook.metadata))
+    # the cells are what must round-trip; the YAML header is left out, as another test's imports can change how
+    # PyYAML represents mappings in this process
+    notebook.metadata = {}
     again = jupytext.reads(jupytext.writes(notebook, fmt="py:percent"), fmt="py:percent")
     assert [cell.source for cell in again.cells] == [cell.source for cell in notebook.cells]
 
