@@ -63,6 +63,7 @@ from typing import Literal, get_args
 import lightning as L
 import torch
 from common import (
+    RunTimes,
     bar_panel,
     benchmark_trainer,
     machine_description,
@@ -72,8 +73,8 @@ from common import (
     save_figure,
     start_run,
 )
-from overhead import Config as TimingConfig
-from overhead import RunTimes, fit_with_timers, make_dataset
+from overhead_variants import Config as TimingConfig
+from overhead_variants import fit_with_timers, make_dataset
 from torch import nn
 from torch.utils.data import TensorDataset
 

@@ -74,3 +74,21 @@ class IndexedDataset(Dataset):
             generator = torch.Generator().manual_seed(hash((self.seed, int(index), view)) & 0x7FFF_FFFF_FFFF_FFFF)
             sample = self.augment(sample, generator)
         return Indexed(index=index, view=view, sample=sample)
+
+    def __getitems__(self, indices: list[int]) -> list[Indexed]:
+        """The items of one batch, as ``[self[i] for i in indices]`` (the DataLoader calls this for a batch).
+
+        Without augmentation it takes the samples in one call to the wrapped dataset's own ``__getitems__`` when it
+        has one, and builds the items in one pass.
+        """
+        if self.augment is not None:
+            return [self[i] for i in indices]
+        fetch = getattr(self.dataset, "__getitems__", None)
+        samples = fetch(indices) if callable(fetch) else [self.dataset[i] for i in indices]
+        if len(samples) != len(indices):
+            raise RuntimeError(
+                f"{type(self.dataset).__name__}.__getitems__ returned {len(samples)} samples for {len(indices)} "
+                "indices: it must return one sample per index, in order."
+            )
+        return [Indexed(index, 0, sample) for index, sample in zip(indices, samples, strict=True)]
+

@@ -58,7 +58,8 @@ class DistillationCallback(L.Callback):
         run_on_validation: Also run the teacher on validation and test batches, so the module logs
             ``val/teacher_acc``, ``val/agreement`` and ``val/kd_loss`` (``test/...`` likewise).
         check_finite: Check the teacher's logits for NaN/inf on every training batch (one device synchronisation per
-            step) and raise naming the step. The first batch is always checked.
+            step) and raise naming the step. The first batch is always checked. With a ``cache`` the cache checks
+            every row it stores, whatever this is, and reads back only rows it checked.
         check_accuracy: Warn when the teacher's top-1 accuracy on the first training batch is not clearly above
             chance (an untrained or unloaded teacher). ``False`` for a teacher that is weak on purpose or a smoke run.
         allow_untested: Run under a strategy other than single device, the DDP family, FSDP, ``ModelParallelStrategy``
@@ -247,8 +248,8 @@ class DistillationCallback(L.Callback):
         client = self._client_for(pl_module)
         request = client.teacher_request(batch)
         outputs = self._run(request) if self.cache is None else self._cached_outputs(trainer, batch, request)
-        if self.check_finite or not self._first_batch_checked:
-            _check_finite(outputs.logits, trainer, batch_idx)
+        if self.cache is None and (self.check_finite or not self._first_batch_checked):
+            _check_finite(outputs.logits, trainer, batch_idx)  # a cache stores (so returns) only finite rows
         if not self._first_batch_checked:
             self._first_batch_checked = True
             if request.target is not None and self.check_accuracy:  # scored after the step: its shape checks first

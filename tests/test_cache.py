@@ -229,3 +229,84 @@ class SequenceTeacher(torch.nn.Module):
 def test_token_level_logits_are_not_cached(tmp_path):
     with pytest.raises(ValueError, match=r"one logits row per sample, but the teacher returned \(16, 3, 4\)"):
         _fit(tmp_path, TeacherCache(tmp_path / "cache"), epochs=1, teacher=SequenceTeacher())
+
+
+class ScaledTeacher(torch.nn.Module):
+    """Logits ``x[:, :4] * scale``, plus a NaN in sample 3's first logit when ``nan``."""
+
+    def __init__(self, scale: float, nan: bool = False) -> None:
+        super().__init__()
+        self.scale, self.nan = scale, nan
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        logits = x[:, :4] * self.scale
+        if self.nan:
+            logits = logits.clone()
+            logits[x[:, 0] == x[:, 0].max(), 0] = float("nan")
+        return logits
+
+
+@pytest.mark.parametrize(
+    ("teacher", "match"),
+    [
+        (ScaledTeacher(1e6), r"not finite once stored as float16 .* 0 NaN, 0 inf, largest \|logit\| .*65504"),
+        (ScaledTeacher(1.0, nan=True), r"not finite once stored as float16 \(rows \[\d+\]; the logits hold 1 NaN"),
+    ],
+)
+def test_rows_that_would_not_be_finite_are_never_stored(tmp_path, teacher, match):
+    # float16 holds at most 65504: a teacher whose logits are larger would be cached as inf; the cache refuses
+    # (even with check_finite=False), and nothing is marked stored, so a rerun refuses again instead of reading it.
+    for _ in range(2):
+        cache = TeacherCache(tmp_path / "cache")
+        callback = DistillationCallback(teacher, cache=cache, check_finite=False, check_accuracy=False)
+        loader = DataLoader(IndexedDataset(TensorDataset(*make_data(64))), batch_size=16)
+        trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=None, callbacks=[callback])
+        with pytest.raises(FloatingPointError, match=match):
+            trainer.fit(DistillModule(student=tiny_student(), alpha=0.5, temperature=2.0), loader)
+        assert cache.filled_fraction() == 0.0
+
+
+class Batched(torch.utils.data.Dataset):
+    """A dataset with its own ``__getitems__``; ``short`` makes it return one sample too few."""
+
+    def __init__(self, short: bool = False) -> None:
+        self.data, self.short, self.calls = make_data(8), short, 0
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        return self.data[0][i], self.data[1][i]
+
+    def __getitems__(self, indices):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return [self[i] for i in indices][: len(indices) - self.short]
+
+
+def _same_items(got, want) -> None:  # type: ignore[no-untyped-def]
+    assert [(g.index, g.view) for g in got] == [(w.index, w.view) for w in want]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.sample, w.sample, rtol=0, atol=0)
+
+
+def test_a_batch_of_items_is_the_items_one_by_one():
+    indices = [5, 0, 7, 5]
+    plain = IndexedDataset(TensorDataset(*make_data(8)))
+    _same_items(plain.__getitems__(indices), [plain[i] for i in indices])
+    inner = Batched()
+    batched = IndexedDataset(inner)
+    _same_items(batched.__getitems__(indices), [batched[i] for i in indices])
+    assert inner.calls == 1  # the wrapped dataset's own batch fetch, once
+
+    def shift(sample, generator):  # type: ignore[no-untyped-def]
+        return sample[0] + torch.rand((), generator=generator), sample[1]
+
+    views = IndexedDataset(TensorDataset(*make_data(8)), augment=shift, views=3, seed=1)
+    torch.manual_seed(0)
+    got = views.__getitems__(indices)
+    torch.manual_seed(0)
+    _same_items(got, [views[i] for i in indices])  # the same views drawn, in the same order
+    loader = DataLoader(plain, batch_size=4)
+    assert torch.equal(next(iter(loader)).index, torch.arange(4))
+    with pytest.raises(RuntimeError, match=r"Batched.__getitems__ returned 3 samples for 4 indices"):
+        IndexedDataset(Batched(short=True)).__getitems__(indices)

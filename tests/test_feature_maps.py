@@ -232,16 +232,40 @@ def test_projector_output_shapes():
         assert conv(torch.randn(2, 8, *spatial)).shape == (2, 24, *spatial)
 
 
-def test_channel_projector_is_a_1x1_convolution():
+@pytest.mark.parametrize(
+    ("conv_class", "shape", "channels_last"),
+    [
+        (nn.Conv1d, (3, 8, 7), False),
+        (nn.Conv2d, (2, 8, 5, 6), False),
+        (nn.Conv2d, (2, 8, 5, 6), True),
+        (nn.Conv3d, (2, 8, 2, 3, 4), False),
+        (nn.Conv2d, (0, 8, 5, 6), False),
+    ],
+)
+def test_channel_projector_is_a_1x1_convolution(conv_class, shape, channels_last):
+    # the same values and the same gradients (input, weight, bias) as the 1x1 convolution it stands for
     projector = ChannelProjector(8, 24)
-    conv = nn.Conv2d(8, 24, kernel_size=1)
+    conv = conv_class(8, 24, kernel_size=1)
     with torch.no_grad():
-        conv.weight.copy_(projector.linear.weight[:, :, None, None])
+        conv.weight.copy_(projector.linear.weight.reshape(24, 8, *[1] * (len(shape) - 2)))
         conv.bias.copy_(projector.linear.bias)
-    x = torch.randn(2, 8, 5, 6)
-    torch.testing.assert_close(projector(x), conv(x))
+    x = torch.randn(*shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grads = []
+    for model in (projector, conv):
+        leaf = x.clone().requires_grad_(True)
+        out = model(leaf)
+        assert out.shape == (shape[0], 24, *shape[2:])
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), leaf.grad, *(p.grad.reshape(-1) for p in model.parameters())))
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_channel_projector_names_a_wrong_map():
     with pytest.raises(ValueError, match=r"expects a \(N, 8, \*spatial\) map, got \(2, 7, 5\)"):
-        projector(torch.randn(2, 7, 5))
+        ChannelProjector(8, 24)(torch.randn(2, 7, 5))
 
 
 def test_match_spatial_pools_to_the_smaller_size():

@@ -16,6 +16,7 @@ projector; attention transfer (Zagoruyko & Komodakis 2017) is ``loss="attention"
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -113,17 +114,17 @@ class FeatureMap:
         ]
         return f"FeatureMap({', '.join(shown)})"
 
-    @property
+    @functools.cached_property
     def student_key(self) -> str:
         """Key of the captured student feature (the layer name, plus the selector if any)."""
         return feature_key(self.student, self.student_select)
 
-    @property
+    @functools.cached_property
     def teacher_key(self) -> str:
         """Key of the captured teacher feature in :attr:`TeacherOutputs.features`."""
         return feature_key(self.teacher, self.teacher_select)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """Key of this map's projector in ``DistillModule.projectors``: the name with non-word characters as ``_``."""
         return re.sub(r"\W", "_", self.name)

@@ -32,7 +32,8 @@ from lightning_distill._indexed import Indexed
 from lightning_distill.losses.functional.topk import topk_log_probs
 from lightning_distill.teacher._runner import TeacherOutputs, TopKTeacher
 
-_FORMAT = 1
+# 2: only finite rows are stored (rows are read back unchecked); a format-1 cache may hold non-finite rows.
+_FORMAT = 2
 OnMismatch = Literal["refuse", "rebuild"]
 
 
@@ -186,8 +187,26 @@ class TeacherCache:
         return self._views["filled"][rows].astype(bool)
 
     def store(self, rows: np.ndarray, logits: Tensor) -> None:
-        """Encode the teacher's logits ``(B, C)`` and write the rows: data, then checksum, then the filled flag."""
-        parts = self._encode(logits)
+        """Encode the teacher's logits ``(B, C)`` and write the rows: data, then checksum, then the filled flag.
+
+        Only finite rows are stored, so every row read back (its checksum verified) is finite without a check.
+
+        Raises:
+            FloatingPointError: If an encoded row holds NaN or inf: the teacher's logits did, or exceed float16's
+                range (about 65504).
+        """
+        with np.errstate(over="ignore"):  # an overflow to inf is refused just below, with the reason
+            parts = self._encode(logits)
+        finite = np.logical_and.reduce([np.isfinite(p).reshape(len(rows), -1).all(axis=1) for p in parts.values()])
+        if not finite.all():
+            values = logits.detach().float()
+            raise FloatingPointError(
+                f"Teacher cache {str(self.path)!r}: the teacher's outputs for {int((~finite).sum())} of {len(rows)} "
+                f"samples are not finite once stored as float16 (rows {rows[~finite][:5].tolist()}; the logits hold "
+                f"{int(values.isnan().sum())} NaN, {int(values.isinf().sum())} inf, largest |logit| "
+                f"{float(values.nan_to_num(nan=0.0).abs().max()):.4g}). HINT: check the teacher and its precision; "
+                "float16 holds at most 65504 (for larger logits pass `TeacherCache(..., top_k=k)`)."
+            )
         for name, part in parts.items():
             self._arrays[name][rows] = part
         self._arrays["crc"][rows] = _crc(parts)
