@@ -50,7 +50,7 @@ within-round ratio of medians, with its spread over rounds.
 
 Run from the repository root::
 
-    python benchmarks/overhead.py --rounds 20 --clock thread       # the README's figures, ~7 min on 2 cores
+    python benchmarks/overhead.py --rounds 30 --epochs 4 --clock thread   # the README's figures, ~8 min on 2 cores
     python benchmarks/overhead.py --quick                          # smoke test, about a minute
     python benchmarks/overhead.py --groups a --rounds 10           # only the plugin vs hand-written figure
 

@@ -64,7 +64,9 @@ class Benchmark:
 
 BENCHMARKS = (
     Benchmark("demo", (), "students 0-4, teacher 0, data seed 42", plot_flag=None),
-    Benchmark("overhead", ("--rounds", "20", "--clock", "thread"), "seed 0, data seed 42", plot_flag=None),
+    Benchmark(
+        "overhead", ("--rounds", "30", "--epochs", "4", "--clock", "thread"), "seed 0, data seed 42", plot_flag=None
+    ),
     Benchmark("features", ("--seeds", "5", "--rounds", "20"), "0-4, data seed 42"),
     Benchmark("self_distill", (), "0-2, data seed 42", plot_flag="--output"),
     Benchmark("ddp", (), "0", plot_flag=None),

@@ -134,3 +134,13 @@ def test_a_distiller_state_saved_before_the_objective_loads(tmp_path):
     for name, value in distiller.state_dict().items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(fresh.state_dict()[name], value)
+
+
+def test_a_distiller_takes_an_objective_or_its_arguments_not_both():
+    teacher, objective = nn.Linear(4, 3), DistillationObjective(alpha=0.7, temperature=3.0)
+    assert Distiller(teacher, objective=objective).objective is objective
+    assert Distiller(teacher, alpha=0.7).objective.hparam_values()["alpha"] == 0.7
+    with pytest.raises(ValueError, match=r"either `objective` or its arguments, got both \(`alpha`, `temperature`\)"):
+        Distiller(teacher, objective=objective, alpha=0.5, temperature=2.0)
+    with pytest.raises(TypeError, match=r"`objective` must be a DistillationObjective, got dict"):
+        Distiller(teacher, objective={"alpha": 0.5})
