@@ -395,7 +395,9 @@ class DistillModule(FactoryModule):
             example = example_inputs(self.trainer, self)
             teacher_features = None
             if example is not None and self._teacher is not None:
-                inputs = move_data_to_device(example, self.trainer.strategy.root_device)
+                # as a training batch reaches the teacher: converted by the precision plugin (bf16-true: bf16)
+                inputs = self.trainer.precision_plugin.convert_input(example)
+                inputs = move_data_to_device(inputs, self.trainer.strategy.root_device)
                 request = TeacherRequest(inputs, None, self.hparam_values()["temperature"], features=True)
                 teacher_features = self._teacher.run(request).features
             self.build_projectors(teacher_features, example)  # raises naming what is missing when it cannot

@@ -25,6 +25,7 @@ from lightning_distill.features._capture import FeatureCapture, Selector
 from lightning_distill.features._map import FeatureMap, coerce_feature_maps
 from lightning_distill.features._projectors import (
     build_projector,
+    check_projector_fits,
     match_spatial,
     projector_from_dims,
     resolve_projector,
@@ -100,6 +101,11 @@ class DistillationObjective(nn.Module):
         self.ignore_index = check_ignore_index(ignore_index)
         self.js_beta = check_js_beta(js_beta)
         self.kd_chunk_size = check_chunk_size(kd_chunk_size)
+        if self.kd_chunk_size is not None and self.divergence == "dkd":
+            raise ValueError(
+                f"`kd_chunk_size={kd_chunk_size}` is not supported with divergence='dkd' (DKD needs every class of a "
+                "position at once). HINT: pass kd_chunk_size=None, or another divergence."
+            )
         if not isinstance(shift_labels, bool):
             raise TypeError(f"`shift_labels` must be True or False, got {shift_labels!r}.")
         self.shift_labels = shift_labels
@@ -435,6 +441,7 @@ class DistillationObjective(nn.Module):
             if fmap.key in self.projectors:
                 if fmap.projector == "identity" and fmap.loss != "attention":
                     resolve_projector(fmap.projector, s_shape, t_shape, where)  # refuses shapes it cannot match
+                check_projector_fits(self.projectors[fmap.key], s_shape, t_shape, where)
                 continue
             kind = (
                 "identity" if fmap.loss == "attention" else resolve_projector(fmap.projector, s_shape, t_shape, where)

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, get_args
 
+from lightning_distill.losses.functional._common import is_real_number
+
 __all__ = [
     "Constant",
     "Cosine",
@@ -247,8 +249,8 @@ def as_schedule(value: float | Schedule | Mapping[str, Any], name: str) -> Sched
     """
     if isinstance(value, Schedule):
         return value
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return Constant(float(value))
+    if is_real_number(value):  # a Python or NumPy number, or a 0-d tensor
+        return Constant(float(value))  # type: ignore[arg-type]
     if isinstance(value, Mapping) and ("type" in value or "class_path" in value):
         if "class_path" in value:
             path, kwargs = value["class_path"], value.get("init_args") or {}
@@ -315,6 +317,6 @@ def checked_schedule(
         >>> checked_schedule(0.5, "alpha", float, 0.0, 1.0)
         Constant(unit='epoch', value=0.5)
     """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return Constant(check(value))
+    if is_real_number(value):
+        return Constant(check(value))  # type: ignore[arg-type]
     return check_schedule(as_schedule(value, name), name, low, high, low_inclusive=low_inclusive)

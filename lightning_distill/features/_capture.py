@@ -225,6 +225,7 @@ class FeatureCapture:
         self._recorded: dict[str, Tensor] = {}
         self._versions: dict[str, int] = {}  # version counters of the recorded tensors that are not copies
         self._copied: set[str] = set()
+        self._repeated: set[str] = set()  # keys recorded more than once since the recording started
         self._handles: list[RemovableHandle] = []
         self._recording = False
         self._keys: tuple[str, ...] = ()  # what `keys` returns, built when a feature is requested, not per step
@@ -310,6 +311,7 @@ class FeatureCapture:
         """Record the requested outputs of every forward from now until :meth:`stop` (earlier records are dropped)."""
         self._recorded.clear()
         self._versions.clear()
+        self._repeated.clear()
         self._recording = True
 
     def stop(self) -> None:
@@ -333,17 +335,25 @@ class FeatureCapture:
                 are switched to copy mode and returned as they are, instead of raising.
 
         Raises:
-            RuntimeError: If a requested layer did not run (the message names it).
+            RuntimeError: If a requested layer did not run, or ran more than once (the message names it).
             ModifiedInPlaceError: Without ``learn``, if a recorded output was modified in place after its layer
                 returned it; those layers are switched to copy mode first, so a second forward gives the right values.
         """
         recorded, self._recorded = self._recorded, {}
         versions, self._versions = self._versions, {}
+        repeated, self._repeated = sorted(self._repeated), set()
         missing = [key for key in self._keys if key not in recorded]
         if missing:
             raise RuntimeError(
                 f"The {self.role}'s layers {missing} did not run in its forward, so their outputs could not be "
                 "captured. HINT: name layers that every forward goes through."
+            )
+        if repeated:
+            raise RuntimeError(
+                f"The {self.role}'s layers {repeated} ran more than once while recording, so which output to match "
+                "is ambiguous (only the last would be kept). A module object used at several places (e.g. one "
+                "`nn.ReLU` shared by several blocks), or several forwards in one step, does this. HINT: give each use "
+                "its own module and name that one, or name a layer that runs once per forward."
             )
         modified = [key for key, version in versions.items() if recorded[key]._version != version]
         if modified:
@@ -368,6 +378,8 @@ class FeatureCapture:
                     self._versions[key] = version
                 else:  # an inference tensor: not tracked (nor an earlier record of this key, now replaced)
                     self._versions.pop(key, None)
+            if key in self._recorded:
+                self._repeated.add(key)
             self._recorded[key] = value
 
         def hook(_module: nn.Module, inputs: Any, output: Any) -> None:

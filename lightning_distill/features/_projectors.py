@@ -173,6 +173,36 @@ def build_projector(kind: Literal["identity", "linear", "conv1x1"], student_dim:
     return ChannelProjector(student_dim, teacher_dim)
 
 
+def check_projector_fits(
+    projector: nn.Module, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], where: str
+) -> None:
+    """Refuse a projector whose widths disagree with the probed feature shapes.
+
+    For a projector built before the features were seen (from ``student_dim`` / ``teacher_dim``, or loaded from a
+    checkpoint): the mismatch is named here instead of a bare matmul error at the first step.
+
+    Raises:
+        ValueError: If the projector's input or output width differs from the features' (named with both shapes).
+    """
+    if isinstance(projector, ChannelProjector):
+        widths, axis, index = (projector.linear.in_features, projector.linear.out_features), "dimension 1", 1
+    elif isinstance(projector, nn.Linear):
+        widths, axis, index = (projector.in_features, projector.out_features), "the last dimension", -1
+    else:
+        return
+    found = (
+        student_shape[index] if len(student_shape) > 1 else None,
+        teacher_shape[index] if len(teacher_shape) > 1 else None,
+    )
+    if found != widths:
+        raise ValueError(
+            f"{where}: its projector maps {widths[0]} -> {widths[1]} features along {axis}, but the student's feature "
+            f"has shape {student_shape} and the teacher's {teacher_shape} ({found[0]} -> {found[1]}). HINT: correct "
+            "`student_dim` / `teacher_dim` (or leave them None: they are inferred from one batch), or check that the "
+            "layers are the ones the projector (or the checkpoint it came from) was made for."
+        )
+
+
 def match_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     """Average-pool two channel-first maps to their element-wise smaller spatial size (others pass unchanged).
 

@@ -7,8 +7,10 @@ public ones (``check_alpha``, ``check_temperature``, ...) are re-exported by :mo
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal, cast, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,7 +25,16 @@ _DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 # Hyper-parameter validation (shared with the module twins and DistillModule)
 # --------------------------------------------------------------------------------------------------------------------
 def is_real_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Whether ``value`` is a real number: a Python or NumPy int or float, or a 0-d real tensor; never a bool.
+
+    Example::
+
+        >>> [is_real_number(v) for v in (0.5, 2, True, torch.tensor(4.0), torch.tensor([4.0]), "1")]
+        [True, True, False, True, False, False]
+    """
+    if isinstance(value, Tensor):
+        return value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def check_alpha(alpha: float) -> float:

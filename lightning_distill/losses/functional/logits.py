@@ -277,6 +277,9 @@ def kd_loss(
     chunk = _check_chunking(chunk_size, divergence)
     if chunk is not None:
         keep = counted_positions(target, mask, ignore_index, student_logits.device)
+        if target is not None:  # the counted targets must be classes, as on the unchunked path
+            counted = target.reshape(-1) if keep is None else target.reshape(-1)[keep]
+            check_target_range(counted, student_logits.shape[-1], ignore_index)
         return _chunked_kd_mean(student_logits, teacher_logits, keep, temperature, divergence, js_beta, chunk)
     student, teacher, target_rows = counted_rows(student_logits, teacher_logits, target, mask, ignore_index)
     terms = _kd_terms(student, teacher, target_rows, temperature, divergence, tckd_weight, nckd_weight, js_beta)
