@@ -34,11 +34,14 @@ class TeacherNeeds:
         features: The teacher layers whose outputs to capture, as ``(layer name, selector)`` pairs.
         ignore_index: The target value that marks positions which count nowhere (for the first-batch checks).
         shift_labels: Whether logits at position t are scored against the target at t + 1 (causal LMs).
+        checks_loss: Whether the module checks every training step's loss for NaN/inf and names the teacher when its
+            outputs are the cause; the callback then checks the teacher's logits on the first batch only.
     """
 
     features: tuple[tuple[str, Selector], ...] = ()
     ignore_index: int = -100
     shift_labels: bool = False
+    checks_loss: bool = False
 
 
 @dataclass(frozen=True)

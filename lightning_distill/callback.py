@@ -248,7 +248,8 @@ class DistillationCallback(L.Callback):
         client = self._client_for(pl_module)
         request = client.teacher_request(batch)
         outputs = self._run(request) if self.cache is None else self._cached_outputs(trainer, batch, request)
-        if self.cache is None and (self.check_finite or not self._first_batch_checked):
+        every_step = self.check_finite and not self._needs.checks_loss  # else the module's loss check names it
+        if self.cache is None and (every_step or not self._first_batch_checked):
             _check_finite(outputs.logits, trainer, batch_idx)  # a cache stores (so returns) only finite rows
         if not self._first_batch_checked:
             self._first_batch_checked = True

@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_distill._batches import call_with_inputs, example_inputs, extract_logits, split_batch
 from lightning_distill._contract import TeacherConnection, TeacherNeeds, TeacherRequest
 from lightning_distill._evaluation import evaluate_student
+from lightning_distill._numerics import check_finite_loss
 from lightning_distill._positions import TokenMasks, logits_mask, route_inputs, token_masks
 from lightning_distill._training import FactoryModule, LRSchedulerFactory, OptimizerFactory, check_optimized
 from lightning_distill.features._map import FeatureMap
@@ -82,6 +83,9 @@ class DistillModule(FactoryModule):
             always synchronized.
         example_input_array: The inputs part of one batch, for the shapes of inferred projectors (and Lightning's
             model summary). Without it, the first batch of the training data ``fit`` gets is used.
+        check_finite: Check every training step's loss for NaN/inf before anything is trained on it (one device
+            synchronisation per step; the teacher's logits need no check of their own then) and raise naming the
+            step and the culprit: the batch's inputs, the student's logits, the teacher's outputs, or a term.
 
     Raises:
         ValueError: For ``alpha`` outside ``[0, 1]``, a non-positive ``temperature``, a negative weight, an unknown
@@ -117,8 +121,12 @@ class DistillModule(FactoryModule):
         lr_scheduler: LRSchedulerFactory | None = None,
         sync_dist: bool = False,
         example_input_array: Any = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, sync_dist)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"`check_finite` must be True or False, got {check_finite!r}.")
+        self.check_finite = check_finite
         if student is not None and not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
         original = getattr(student, "_orig_mod", None)  # torch.compile's OptimizedModule wraps the network
@@ -213,7 +221,7 @@ class DistillModule(FactoryModule):
     # -------------------------------------------------------------------------------------- the teacher contract
     def teacher_needs(self) -> TeacherNeeds:
         """What the teacher must provide for the whole run: the layers the feature maps read, the target rules."""
-        return TeacherNeeds(self.objective.teacher_layers(), self.ignore_index, self.shift_labels)
+        return TeacherNeeds(self.objective.teacher_layers(), self.ignore_index, self.shift_labels, self.check_finite)
 
     def connect_teacher(self, connection: TeacherConnection | None) -> None:
         """Accept the teacher the callback runs (``None`` forgets it); the loss refuses what it cannot learn from.
@@ -457,7 +465,7 @@ class DistillModule(FactoryModule):
     # -------------------------------------------------------------------------------------------------------- steps
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        terms, batch_size = self._step_terms(batch, self._teacher_outputs)
+        terms, batch_size = self._step_terms(batch, self._teacher_outputs, check=self.check_finite)
         self.log_train_terms(terms, batch_size=batch_size)
         if self.objective.scheduled:  # the same on every process: never synchronized
             values = self.hparam_values()
@@ -473,7 +481,9 @@ class DistillModule(FactoryModule):
         """
         return self._step_terms(batch, teacher_outputs)[0]
 
-    def _step_terms(self, batch: Any, teacher_outputs: TeacherOutputs | None) -> tuple[dict[str, Tensor], int]:
+    def _step_terms(
+        self, batch: Any, teacher_outputs: TeacherOutputs | None, check: bool = False
+    ) -> tuple[dict[str, Tensor], int]:
         inputs, target = self._split_once(batch)
         self._split = None  # nothing of the batch is kept past its step
         if teacher_outputs is None and self._teacher is not None and self.objective.needs_teacher:
@@ -484,7 +494,17 @@ class DistillModule(FactoryModule):
         features = self.objective.capture.take() if self.feature_maps else None
         masks = self.token_masks(inputs, target)
         mask = self.position_mask(masks, logits)
-        return self.compute_loss(logits, teacher_outputs, target, mask, features, masks=masks), logits.shape[0]
+        terms = self.compute_loss(logits, teacher_outputs, target, mask, features, masks=masks)
+        if check:
+            check_finite_loss(terms, self._step_name(), logits, teacher_outputs, inputs)
+        return terms, logits.shape[0]
+
+    def _step_name(self) -> str:
+        if self._trainer is None:
+            return "a step outside a Trainer"
+        trainer = self.trainer
+        batch = trainer.fit_loop.epoch_loop.batch_idx
+        return f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch})"
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
