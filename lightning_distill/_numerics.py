@@ -27,6 +27,7 @@ def check_finite_loss(
     student_logits: Tensor,
     teacher_outputs: TeacherOutputs | None,
     inputs: Any,
+    owner: object,
 ) -> None:
     """Raise unless the step's ``loss`` is finite, naming what made it not: the inputs, a model, or a term.
 
@@ -40,6 +41,7 @@ def check_finite_loss(
         student_logits: The student's logits of the step.
         teacher_outputs: The teacher's outputs of the step, if any.
         inputs: The inputs the student received.
+        owner: The object whose ``check_finite=False`` turns the check off (named in the message).
 
     Raises:
         FloatingPointError: If the loss is NaN or infinite.
@@ -62,7 +64,7 @@ def check_finite_loss(
             break
     raise FloatingPointError(
         f"The training loss is {float(loss):g} at {where} ({'; '.join(found)}), so the step was not taken. HINT: "
-        f"{_HINTS[culprit]} `DistillModule(check_finite=False)` turns this check off."
+        f"{_HINTS[culprit]} `{type(owner).__name__}(check_finite=False)` turns this check off."
     )
 
 

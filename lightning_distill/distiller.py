@@ -19,6 +19,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_distill._batches import call_with_inputs, extract_logits, split_batch
+from lightning_distill._numerics import check_finite_loss
 from lightning_distill._positions import logits_mask, route_inputs, token_masks
 from lightning_distill.objective import DistillationObjective
 from lightning_distill.teacher._runner import TeacherOutputs, TeacherPrecision, TeacherRunner
@@ -64,6 +65,9 @@ class Distiller(nn.Module):
             ``nckd_weight``, ``js_beta``, ``kd_chunk_size``, ``shift_labels``, as in
             :class:`~lightning_distill.DistillModule`). A schedule advances with ``loss`` calls (steps) and
             ``on_epoch_end`` (epochs).
+        check_finite: Check every step's loss for NaN/inf in :meth:`loss` (one device synchronisation a step) and
+            raise naming the step and the culprit (the inputs, the student's logits, the teacher's outputs, a term),
+            before your loop calls ``backward``. ``False`` returns the loss unchecked.
         logits_layer, teacher_checkpoint, teacher_precision, teacher_device: Deprecated: give them to
             ``TeacherRunner(teacher, logits_layer=..., checkpoint=..., precision=..., device=...)``.
 
@@ -92,9 +96,13 @@ class Distiller(nn.Module):
         teacher_checkpoint: str | Path | None = None,
         teacher_precision: TeacherPrecision | None = None,
         teacher_device: str | torch.device | None = None,
+        check_finite: bool = True,
         **objective_args: Any,
     ) -> None:
         super().__init__()
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"`check_finite` must be True or False, got {check_finite!r}.")
+        self.check_finite = check_finite
         if objective is None:
             objective = DistillationObjective(**objective_args)
         elif not isinstance(objective, DistillationObjective):
@@ -320,6 +328,8 @@ class Distiller(nn.Module):
         mask = logits_mask(masks, logits) if mask is None else mask
         teacher = self.teacher_outputs(inputs)
         terms = objective(logits, teacher, target, mask, features, task_loss, masks, self.hparam_values())
+        if self.check_finite:
+            check_finite_loss(terms, f"distiller step {self.step} (epoch {self.epoch})", logits, teacher, inputs, self)
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         self.step += 1
         return terms["loss"]

@@ -496,7 +496,7 @@ class DistillModule(FactoryModule):
         mask = self.position_mask(masks, logits)
         terms = self.compute_loss(logits, teacher_outputs, target, mask, features, masks=masks)
         if check:
-            check_finite_loss(terms, self._step_name(), logits, teacher_outputs, inputs)
+            check_finite_loss(terms, self._step_name(), logits, teacher_outputs, inputs, self)
         return terms, logits.shape[0]
 
     def _step_name(self) -> str:

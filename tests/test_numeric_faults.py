@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_distill import DistillationCallback, DistillModule
+from lightning_distill import DistillationCallback, Distiller, DistillModule
 from tests.helpers.tiny import IN_DIM, NUM_CLASSES, TinyTeacher, make_data, make_trainer, tiny_student
 
 
@@ -120,3 +120,20 @@ def test_the_step_is_named_past_the_first(tmp_path):
     )
     with pytest.raises(FloatingPointError, match=r"at global step 2 \(epoch 1, batch 0\)"):
         trainer.fit(DistillModule(student=LateNaN(), alpha=0.5), _loader())
+
+
+def test_the_distiller_checks_its_loss_too():
+    torch.manual_seed(0)
+    student = tiny_student()
+    x, y = make_data(8)
+    distiller = Distiller(TinyTeacher(), alpha=0.5)
+    distiller.on_train_begin(student)
+    distiller.loss(x, student(x), y).backward()  # finite: returned as ever
+    bad = student(x).detach().clone()
+    bad[2, 1] = float("inf")
+    match = r"at distiller step 1 \(epoch 0\) \(the student's logits \(0 NaN and 1 \+inf of 32\)\).*Distiller\(check"
+    with pytest.raises(FloatingPointError, match=match):
+        distiller.loss(x, bad, y)
+    unchecked = Distiller(TinyTeacher(), alpha=0.5, check_finite=False)
+    unchecked.on_train_begin(student)
+    assert not torch.isfinite(unchecked.loss(x, bad, y))
