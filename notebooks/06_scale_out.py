@@ -172,7 +172,7 @@ for name, trainer_kwargs, runner_kwargs in (
     ("teacher bf16", {}, {"precision": "bf16"}),
 ):
     seen: list[torch.dtype] = []
-    run_teacher = copy.deepcopy(teacher)  # precision="bf16" converts the weights of the one it is given
+    run_teacher = copy.deepcopy(teacher)  # each run hooks a fresh teacher (a conversion copies it, hooks included)
     run_teacher.head.register_forward_hook(lambda module, args, output, seen=seen: seen.append(output.dtype))
     run_callback = DistillationCallback(TeacherRunner(run_teacher, **runner_kwargs))
     run = trainer(name.replace(" ", "_"), [run_callback], devices=1, **trainer_kwargs)

@@ -211,8 +211,10 @@ def test_bf16_mixed_precision_runs_teacher_in_the_precision_context(tmp_path):
 def test_bf16_true_precision_converts_the_teacher(tmp_path):
     teacher = TinyTeacher()
     module = student_module()
-    make_trainer(tmp_path, precision="bf16-true", callbacks=[DistillationCallback(teacher)]).fit(module, make_loader())
-    assert teacher.head.weight.dtype == torch.bfloat16
+    callback = DistillationCallback(teacher)
+    make_trainer(tmp_path, precision="bf16-true", callbacks=[callback]).fit(module, make_loader())
+    assert callback.teacher.head.weight.dtype == torch.bfloat16
+    assert teacher.head.weight.dtype == torch.float32  # a copy is converted, never the model passed
 
 
 def test_resuming_with_a_different_teacher_warns(tmp_path):

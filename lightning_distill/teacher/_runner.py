@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from torch import Tensor, nn
 
 from lightning_distill._batches import call_with_inputs, extract_logits
 from lightning_distill.features._capture import FeatureCapture, ModifiedInPlaceError, Selector
+from lightning_distill.teacher import _placement
+from lightning_distill.teacher._checkpoint import check_prefix, load_teacher_checkpoint
 from lightning_distill.teacher._sharding import (
     StrategyKind,
     TeacherSharding,
@@ -124,75 +125,13 @@ class TopKTeacher:
     temperature: float
 
 
-def load_teacher_checkpoint(teacher: nn.Module, path: str | Path) -> None:
-    """Load a Lightning ``.ckpt`` or a plain ``state_dict`` file into ``teacher``, strictly.
-
-    A Lightning checkpoint's ``"state_dict"`` entry is used. When the teacher was trained inside a LightningModule
-    that held it as an attribute (``self.net = teacher``), the keys carry that prefix (``"net.conv.weight"``): a
-    single leading prefix is stripped when that makes the keys match the teacher's exactly. Anything else must
-    match exactly.
-
-    Args:
-        teacher: The model to load into (in place).
-        path: File written by ``trainer.save_checkpoint`` / ``ModelCheckpoint`` or ``torch.save(model.state_dict())``.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file holds no state dict, or its keys or shapes do not match the teacher's; the message
-            lists missing, unexpected and mis-shaped keys.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"The teacher checkpoint {str(path)!r} does not exist or is not a file.")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        raise ValueError(
-            f"The teacher checkpoint {str(path)!r} could not be read as a checkpoint with "
-            f"`torch.load(weights_only=True)`: {err}. HINT: save the teacher's weights with "
-            "`torch.save(teacher.state_dict(), path)`."
-        ) from err
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"The teacher checkpoint {str(path)!r} holds no state dict (got {type(loaded).__name__}). HINT: pass a "
-            "Lightning checkpoint or a file written by `torch.save(teacher.state_dict(), path)`."
-        )
-    expected = teacher.state_dict()
-    state = _match_prefix(dict(state), set(expected))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs teacher {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mis_shaped:
-        raise ValueError(
-            f"The teacher checkpoint {str(path)!r} does not match the teacher ({type(teacher).__name__}): "
-            f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}, shape mismatches {mis_shaped[:10]}. "
-            "HINT: build the teacher with the same architecture and arguments it was trained with."
-        )
-    teacher.load_state_dict(state, strict=True)
-
-
-def _match_prefix(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
-    """Strip one leading ``"<name>."`` from the keys when exactly that makes them equal ``expected``."""
-    if set(state) == expected:
-        return state
-    for prefix in sorted({k.split(".", 1)[0] + "." for k in state if "." in k}):
-        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if set(stripped) == expected:
-            return stripped
-    return state
-
-
 def teacher_fingerprint(teacher: nn.Module) -> str:
     """Return a short hash identifying the teacher's architecture and weights.
 
     The hash covers every state entry's name, shape and dtype, and a fixed strided sample of up to 4096 of its
     values (so fingerprinting a large teacher costs little). Two teachers that differ only in weights outside the
-    sample would collide; in practice trained weights differ everywhere.
+    sample would collide; in practice trained weights differ everywhere. Tensors on the ``meta`` device (weights not
+    materialized yet) have no values: only their name, shape and dtype count.
 
     Example::
 
@@ -206,7 +145,7 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     for name, tensor in teacher.state_dict().items():
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
-        if flat.numel():
+        if flat.numel() and not flat.is_meta:
             step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
             sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.float64)
             digest.update(sample.numpy().tobytes())
@@ -225,12 +164,24 @@ class TeacherRunner:
             frozen (``requires_grad_(False)``) and it is put in eval mode.
         checkpoint: Optional Lightning ``.ckpt`` or plain ``state_dict`` file loaded strictly into ``teacher`` here
             (one wrapping prefix such as ``"net."`` is stripped when that makes it match; see
-            :func:`load_teacher_checkpoint`).
+            :func:`load_teacher_checkpoint`). A teacher built on the ``meta`` device receives the file's tensors.
+        checkpoint_prefix: The key prefix of the teacher's weights in ``checkpoint`` (``"teacher."``, or nested:
+            ``"model.teacher."``), stripped from the keys. Needed when several models in the file match the teacher
+            (``student.*`` and ``teacher.*``, ``model.*`` and ``ema_model.*``): that is refused rather than guessed.
+            ``""`` takes the teacher's keys without a prefix; ``None`` (default) finds the one prefix that matches.
         logits_layer: Optional dotted name of an inner layer whose output are the logits, for teachers that end in a
             softmax or return something else (the output of that layer is captured by a forward hook).
         precision: The teacher's own precision (``"32"``, ``"64"``, ``"16"``, ``"bf16"``), e.g. a ``"bf16"`` teacher
             for a float32 student: its weights and floating inputs are cast to it and it runs outside the Trainer's
-            autocast. ``None`` follows the Trainer.
+            autocast. ``None`` follows the Trainer. A conversion that changes a dtype (this one, or the Trainer's
+            ``*-true`` precision) is made on a copy, built tensor by tensor on the teacher's device: the model you
+            pass keeps its weights, dtype and device, and :attr:`teacher` is the converted copy from :meth:`place`
+            on. The copy costs its own size, and only while you keep a reference to the original (measured on the
+            CPU for a 1.08 M-parameter MLP of 4,228 KiB in float32: a 2,114 KiB ``"bf16"`` copy, the process growing
+            by 3.0 MiB; an 8,456 KiB ``"64"`` one). On another device (a CPU teacher, a GPU fit) the original is never
+            moved there, so that device holds less than an in-place conversion, which moved the float32 weights
+            first. To convert in place instead, convert the teacher yourself before (``teacher.to(torch.bfloat16)``):
+            nothing is copied then.
         device: The teacher's own device (e.g. a big teacher kept on ``"cpu"`` or another GPU): inputs are moved to
             it and the outputs back to the inputs' device. ``None`` follows the student.
         sharding: Under ``FSDPStrategy`` / ``ModelParallelStrategy``: ``"shard"`` the teacher across all processes
@@ -244,8 +195,11 @@ class TeacherRunner:
         TypeError: If ``teacher`` is not an ``nn.Module`` or is wrapped in ``DataParallel`` /
             ``DistributedDataParallel``, ``checkpoint`` is not a path, or ``shard_units`` are not module classes.
         ValueError: If ``logits_layer`` names no layer of the teacher (the message lists the closest names), for an
-            unknown ``precision``, ``device`` or ``sharding``, ``sharding="shard"`` together with a ``device``, or a
-            checkpoint that does not match the teacher.
+            unknown ``precision``, ``device`` or ``sharding``, ``sharding="shard"`` together with a ``device``, a
+            ``checkpoint_prefix`` without a ``checkpoint`` or that is not a non-empty string, or a checkpoint that is
+            empty, truncated, ambiguous (several prefixes match) or does not match the teacher. At :meth:`place`,
+            for a teacher whose weights are on the ``meta`` device; on the first :meth:`run`, for a teacher whose
+            output are probabilities (rows non-negative summing to 1: it ends in a softmax), not logits.
         FileNotFoundError: For a ``checkpoint`` that does not exist.
 
     Example::
@@ -262,6 +216,7 @@ class TeacherRunner:
         teacher: nn.Module,
         *,
         checkpoint: str | Path | None = None,
+        checkpoint_prefix: str | None = None,
         logits_layer: str | None = None,
         precision: TeacherPrecision | None = None,
         device: str | torch.device | None = None,
@@ -285,6 +240,13 @@ class TeacherRunner:
                 f"`checkpoint` must be a path (str or Path), got {type(checkpoint).__name__}. HINT: "
                 "`TeacherRunner(teacher, checkpoint='teacher.ckpt')`."
             )
+        if checkpoint_prefix is not None and checkpoint is None:
+            raise ValueError(
+                f"`checkpoint_prefix={checkpoint_prefix!r}` selects the teacher's keys in a checkpoint, but no "
+                "`checkpoint` is given. HINT: `TeacherRunner(teacher, checkpoint='run.ckpt', "
+                f"checkpoint_prefix={checkpoint_prefix!r})`, or drop `checkpoint_prefix`."
+            )
+        self.checkpoint_prefix = check_prefix(checkpoint_prefix)
         self.sharding = check_sharding_option(sharding)
         self.shard_units = _check_units(shard_units)
         if sharding == "shard" and device is not None:
@@ -300,10 +262,13 @@ class TeacherRunner:
         self._capture = FeatureCapture(role="teacher")
         self._logits_key: str | None = None
         self._feature_keys: list[str] = []
+        self._owns_teacher = False  # True once :attr:`teacher` is a converted copy of the model passed
+        self._output_checked = False  # the first run checks the teacher's output (probabilities, not logits)
         self.set_features(())
         self.freeze()
         if checkpoint is not None:
-            load_teacher_checkpoint(teacher, checkpoint)
+            load_teacher_checkpoint(teacher, checkpoint, prefix=self.checkpoint_prefix)
+            self.freeze()  # a teacher on the meta device was given new parameters
         self.checkpoint = None if checkpoint is None else str(checkpoint)
 
     def freeze(self) -> None:
@@ -315,19 +280,25 @@ class TeacherRunner:
         """Move the teacher to its own ``device`` (if set) or ``device``, and give it its precision.
 
         With a runner ``precision`` the weights are cast to it; otherwise ``convert`` (the Trainer's conversion for
-        ``*-true`` precisions) is applied when given.
+        ``*-true`` precisions) is applied when given. A conversion that changes a dtype is made on a copy, which
+        :attr:`teacher` is from then on (see ``precision``); the model passed keeps its weights.
 
         Raises:
             RuntimeError: If the runner's own ``device`` is a CUDA device this machine does not have.
+            ValueError: If the teacher's weights are on the ``meta`` device (never materialized).
         """
+        _placement.refuse_meta(self.teacher)
         if self.device is not None:
             _check_available(self.device)
         self.remove_hooks()  # a conversion may return a new module: hooks are attached again on the next run
-        self.teacher.to(self.device if self.device is not None else device)
+        target = self.device if self.device is not None else device
         if self.dtype is not None:
-            self.teacher.to(self.dtype)
+            self.teacher, copied = _placement.cast(self.teacher, target, self.dtype, owned=self._owns_teacher)
         elif convert is not None:
-            self.teacher = convert(self.teacher)
+            self.teacher, copied = _placement.convert(self.teacher, target, convert, owned=self._owns_teacher)
+        else:
+            self.teacher, copied = self.teacher.to(target), False
+        self._owns_teacher = self._owns_teacher or copied
         self.freeze()
 
     def shard(self, kind: StrategyKind, strategy_name: str, device: torch.device) -> bool:
@@ -390,7 +361,11 @@ class TeacherRunner:
 
         Raises:
             TypeError: If the output holds no logits (see :func:`~lightning_distill._batches.extract_logits`).
+            ValueError: On the first run, if the teacher's weights are on the ``meta`` device, or its output are
+                probabilities rather than logits (see ``logits_layer``).
         """
+        if not self._output_checked:
+            _placement.refuse_meta(self.teacher)
         self.attach_hooks()
         if self.teacher.training:
             self.teacher.eval()
@@ -404,6 +379,9 @@ class TeacherRunner:
         if self._logits_key is not None:
             output = captured[self._logits_key]
         logits = extract_logits(output, role="teacher").detach()
+        if not self._output_checked:
+            _refuse_probabilities(logits, self.teacher, self.logits_layer)
+            self._output_checked = True  # after the check: a refused teacher stays refused
         kept = {key: captured[key] for key in self._feature_keys} if features else {}
         if output_device is not None and logits.device != output_device:
             logits = logits.to(output_device)
@@ -437,3 +415,46 @@ class TeacherRunner:
         if self.dtype is None:
             return inputs
         return apply_to_collection(inputs, Tensor, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
+
+
+def _refuse_probabilities(logits: Tensor, teacher: nn.Module, logits_layer: str | None) -> None:
+    """Raise if every row of ``logits`` is a probability distribution: non-negative, summing to 1 (a softmax output).
+
+    Log-probabilities (``log_softmax``: non-positive rows whose exponentials sum to 1) are logits as good as any
+    (softmax is invariant to a shift per row), so they pass. Rows of zeros (padding some models zero out) are left
+    out; a single class has nothing to distill and is not judged.
+    """
+    if logits.ndim < 2 or logits.shape[-1] < 2 or not logits.is_floating_point() or logits.numel() == 0:
+        return
+    rows = logits.detach().reshape(-1, logits.shape[-1]).float()
+    if not bool((rows >= 0).all()):
+        return
+    sums = rows.sum(-1)
+    counted = sums != 0
+    tolerance = max(1e-3, 4 * torch.finfo(logits.dtype).eps)  # a bfloat16 softmax sums to 1 within a few eps
+    if not bool(counted.any()) or not bool(((sums[counted] - 1).abs() <= tolerance).all()):
+        return
+    where = "the teacher's output" if logits_layer is None else f"the output of its `logits_layer={logits_layer!r}`"
+    seen, layer = _softmax_layer(teacher) if logits_layer is None else ("", None)
+    raise ValueError(
+        f"The teacher returns probabilities, not logits: on its first batch every row of {where}, shape "
+        f"{tuple(logits.shape)}, is non-negative and sums to 1 (within {tolerance:.0e}){seen}. Distilling from them "
+        "would train the student towards softmax(probabilities / T), a near-uniform target. HINT: pass "
+        f"`TeacherRunner(teacher, logits_layer={layer or '<the layer before the softmax>'!r})`, or remove the "
+        "final Softmax from the teacher (log-probabilities, `log_softmax`, are fine as logits)."
+    )
+
+
+def _softmax_layer(teacher: nn.Module) -> tuple[str, str | None]:
+    """Name the teacher's last ``nn.Softmax`` layer, and the layer before it when they are in an ``nn.Sequential``."""
+    for parent_name, parent in reversed(list(teacher.named_modules())):
+        children = list(parent.named_children())
+        for i in reversed(range(len(children))):
+            name, child = children[i]
+            if isinstance(child, nn.Softmax):
+                full = f"{parent_name}.{name}" if parent_name else name
+                if i == 0 or not isinstance(parent, nn.Sequential):
+                    return f" (its layer {full!r} is an nn.Softmax)", None
+                before = f"{parent_name}.{children[i - 1][0]}" if parent_name else children[i - 1][0]
+                return f" (its layer {full!r} is an nn.Softmax, after {before!r})", before
+    return "", None
