@@ -1,7 +1,8 @@
 """What lightning-distill costs per step against writing it by hand: three figures, side by side in one run.
 
 The variants themselves (models, hand-written modules, one fit function each) are in ``overhead_variants.py``; this
-file runs them in rounds and reports. Every variant below is trained once per round, in a rotated order (A B C ..., B C ... A, ...), in one process:
+file runs them in rounds and reports. Every variant below is trained once per round, in a rotated order
+(A B C ..., B C ... A, ...), in one process:
 
 (a) **Plugin vs hand-written KD** (MLP student). ``plain``: a plain PyTorch loop with the KD loss inline;
     ``lightning``: a hand-written ``LightningModule`` holding the frozen teacher, the same inline loss, logging the

@@ -91,4 +91,3 @@ class IndexedDataset(Dataset):
                 "indices: it must return one sample per index, in order."
             )
         return [Indexed(index, 0, sample) for index, sample in zip(indices, samples, strict=True)]
-

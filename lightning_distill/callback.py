@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_distill._contract import TeacherClient, TeacherConnection, TeacherNeeds, TeacherRequest
-from lightning_distill.teacher._cache import TeacherCache, cache_settings
+from lightning_distill.teacher._cache import TeacherCache
+from lightning_distill.teacher._cache_files import cache_settings
+from lightning_distill.teacher._digest import teacher_weights_fingerprint
 from lightning_distill.teacher._mixture import TeacherMixture
 from lightning_distill.teacher._runner import TeacherOutputs, TeacherPrecision, TeacherRunner, teacher_fingerprint
 from lightning_distill.teacher._sharding import TeacherSharding, module_bytes, strategy_kind
@@ -79,6 +81,8 @@ class DistillationCallback(L.Callback):
             raises for the deprecated keywords).
         ValueError: For a deprecated keyword together with a ``TeacherRunner``, or neither or both of ``teacher`` and
             ``teachers``; at ``setup("fit")`` for a cached mixture of teachers.
+        OSError: At ``setup("fit")``, naming the directory and the reason, when the cache directory cannot be
+            created or written.
 
     Example::
 
@@ -136,6 +140,7 @@ class DistillationCallback(L.Callback):
         self.teacher_sharded = False
         self.fingerprint = teacher_fingerprint(self.teacher)
         self._loaded_fingerprint: str | None = None
+        self._cache_fingerprint: str | None = None  # every byte of the placed teacher, at setup("fit") with a cache
         # Lightning reads `state_key` on every hook call; the teacher's class and logits layer never change.
         self._state_key = self._generate_state_key(
             teacher=_describe(self.teacher), logits_layer=self._runner.logits_layer
@@ -194,6 +199,9 @@ class DistillationCallback(L.Callback):
                 "TeacherCache stores one teacher's logits; a mixture of teachers depends on the temperature and is not "
                 "cached. HINT: remove `cache=` or distill from one teacher."
             )
+        if cache is not None:
+            cache.close()  # opened again, and checked against this fit's teacher and data, at the first batch
+            cache.prepare()  # an uncreatable or read-only directory fails here, not at the first batch
         student_params = {id(p) for p in pl_module.parameters()}
         shared = [n for n, p in self.teacher.named_parameters() if id(p) in student_params]
         if shared:
@@ -202,6 +210,8 @@ class DistillationCallback(L.Callback):
                 "teacher. HINT: pass `copy.deepcopy(model)` as the teacher."
             )
         self._runner.place(strategy.root_device, trainer.precision_plugin.convert_module)
+        if cache is not None and (self._cache_fingerprint is None or not self.teacher_sharded):
+            self._cache_fingerprint = self._weights_fingerprint()  # placed (its dtype counts), not yet sharded
         self.teacher_sharded = self._runner.shard(kind, type(strategy).__name__, strategy.root_device)
         self._needs = client.teacher_needs()
         self._runner.set_features(self._needs.features)
@@ -279,15 +289,32 @@ class DistillationCallback(L.Callback):
             if dataset is None:
                 raise TypeError("TeacherCache needs the training DataLoader's dataset to size the cache.")
             settings = cache_settings(
-                self.fingerprint,
+                self._cache_fingerprint or self._weights_fingerprint(),
                 len(dataset),
                 getattr(dataset, "views", 1),
                 logits.shape[-1],
                 cache.top_k,
                 request.temperature,
             )
-            cache.open(settings, create=trainer.is_global_zero, barrier=trainer.strategy.barrier)
-        return cache.outputs(cache.rows(batch), run, trainer.current_epoch, trainer.strategy.root_device)
+            if not cache.open(settings, create=trainer.is_global_zero, barrier=trainer.strategy.barrier):
+                raise RuntimeError(
+                    f"Teacher cache {str(cache.path)!r} does not exist for global rank {trainer.global_rank} after "
+                    "rank 0 created it: every process must see the same directory. HINT: on several machines put "
+                    "the cache on a shared file system."
+                )
+        fingerprint = None if self.teacher_sharded else self._weights_fingerprint  # names the cause of a mismatch
+        return cache.outputs(
+            cache.rows(batch),
+            run,
+            trainer.current_epoch,
+            trainer.strategy.root_device,
+            inputs=request.inputs,
+            fingerprint=fingerprint,
+        )
+
+    def _weights_fingerprint(self) -> str:
+        """The teacher cache's fingerprint of the teacher: every byte of its weights, and its logits layer."""
+        return teacher_weights_fingerprint(self.teacher, self._runner.logits_layer)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -351,6 +378,7 @@ class DistillationCallback(L.Callback):
             "teacher_fingerprint": self.fingerprint,
             "teacher_class": type(self.teacher).__qualname__,
             "teacher_checkpoint": self._runner.checkpoint,
+            "teacher_checkpoint_prefix": self._runner.checkpoint_prefix,
             "logits_layer": self._runner.logits_layer,
             "teacher_precision": self._runner.precision,
             "teacher_device": None if self._runner.device is None else str(self._runner.device),

@@ -219,8 +219,10 @@ assert rerun.teacher_runs == [0] * STUDENT_EPOCHS and rerun.teacher_forwards == 
 # In epoch 1 the cached runs compute and store every batch; from epoch 2 on they read the stored rows, and the second
 # run never computes a single batch. The one teacher forward per later epoch is the cache's **verification**
 # (`TeacherCache(verify=True)`, the default): the first fully cached batch of every epoch is also run through the
-# teacher and compared with what is stored, so changed inputs fail loudly (see the augmentation section below).
-# `verify=False` drops even that forward.
+# teacher and compared with what is stored. Changed inputs are caught without it, on every read: each row is stored
+# with a digest of its sample's inputs and read back only for the same inputs (see the augmentation section below);
+# the verification forward catches what the digests and the teacher's fingerprint cannot, a teacher whose forward
+# changed without its weights. `verify=False` drops that forward.
 #
 # The cached logits are rounded to float16, and the training objective is that rounding in every epoch, epoch 1
 # included. So a cached fit starts out on the uncached one's loss curve; over many steps the two drift apart, as any
@@ -239,9 +241,10 @@ assert np.array_equal(losses["full logits, second run"], losses["cached, full lo
 # ### Step time and storage
 #
 # Step time is the epoch's wall time divided by its batches; epoch 1 pays for filling the cache, so the summary is the
-# median over epochs ≥ 2. Bytes per sample count every file of the cache: full logits are 10 float16 values, a
-# CRC-32 and a filled flag (25 bytes); top-3 stores 3 float16 log-probabilities, 3 int16 classes, the float32 tail
-# mass, the CRC and the flag (21 bytes). With 10 classes top-k saves little; it pays off for large vocabularies.
+# median over epochs ≥ 2. Bytes per sample count every file of the cache: full logits are 10 float16 values, the
+# 8-byte digest of the sample's inputs, a CRC-32 and a filled flag (33 bytes); top-3 stores 3 float16
+# log-probabilities, 3 int16 classes, the float32 tail mass, the digest, the CRC and the flag (29 bytes). With 10
+# classes top-k saves little; it pays off for large vocabularies.
 
 # %%
 alone_ms = statistics.median(results["student alone"][1].ms_per_step[1:])
@@ -256,8 +259,8 @@ for name, (module, probe, _) in results.items():
         f"| {name} | {step_ms[name]:.2f} | {step_ms[name] / alone_ms:.2f}x | {100 * accuracies[name]:.1f} % | "
         f"{stored} |"
     )
-assert full_cache.bytes_per_sample() == 10 * 2 + 4 + 1
-assert topk_cache.bytes_per_sample() == 3 * 2 + 3 * 2 + 4 + 4 + 1
+assert full_cache.bytes_per_sample() == 10 * 2 + 8 + 4 + 1
+assert topk_cache.bytes_per_sample() == 3 * 2 + 3 * 2 + 4 + 8 + 4 + 1
 print("\nfiles of the full-logits cache:")
 for file in sorted((CACHES / "full").iterdir()):
     print(f"  {file.name:<12} {file.stat().st_size:>8,} bytes")
@@ -334,8 +337,9 @@ assert np.all(np.diff(views.filled) >= 0) and views.filled[-1] <= 1.0
 # ### An augmentation that ignores the generator is caught
 #
 # If the augmentation draws from the global random generator instead of the one it is given, view 0 of sample i is a
-# different signal every epoch and the stored logits are stale. The verification forward at the first cached batch of
-# epoch 2 sees the mismatch and stops the fit, instead of silently training on outputs for other inputs.
+# different signal every epoch and the stored logits are stale. The first cached batch of epoch 2 reads rows whose
+# inputs digests differ from the batch's and stops the fit, naming the samples, instead of silently training on
+# outputs for other inputs.
 
 
 # %%
@@ -354,12 +358,12 @@ except RuntimeError as error:
     print(f"{type(error).__name__}: {error}")
 else:
     raise AssertionError("an unseeded augmentation should have been caught")
-assert "no longer match the teacher" in str(stale_error) and "at epoch 1" in str(stale_error)
+assert "the inputs changed since they were cached" in str(stale_error) and "at epoch 1" in str(stale_error)
 
 # %% [markdown]
 # ## A cache belongs to one teacher
 #
-# `meta.json` records the teacher's fingerprint (a hash of its architecture and a fixed sample of its weights), the
+# `meta.json` records the teacher's fingerprint (a hash of every byte of its weights and buffers), the
 # dataset length, the views, the classes and the top-k settings. Pointing a run with a *different* teacher at the
 # directory is refused, naming each difference. Here the "different teacher" is our teacher with every weight moved by
 # 10⁻³, as a little more fine-tuning would do: its logits would differ from the stored ones, and the cache knows.

@@ -88,7 +88,7 @@ def test_cache_quick_runs_and_prints_the_table(tmp_path: Path) -> None:
     )
     for row in ("| student alone |", "| uncached KD |", "| cached KD (full logits) |", "| cached KD (top-3) |"):
         assert row in out
-    assert "| cached KD (full logits) |" in out and "| 25 |" in out  # 10 float16 logits + CRC-32 + flag
+    assert "| cached KD (full logits) |" in out and "| 33 |" in out  # 10 float16 logits, inputs digest, CRC, flag
     assert_plotted(out, tmp_path / "x.png")
 
 

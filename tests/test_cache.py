@@ -51,7 +51,7 @@ def test_full_logits_cache_gives_the_uncached_losses_and_runs_the_teacher_in_epo
     cached = _fit(tmp_path, cache)
     assert cache.teacher_runs == 4 and cache.filled_fraction() == 1.0  # 4 batches in epoch 1, none after
     np.testing.assert_allclose(cached.losses, plain.losses, rtol=2e-3)  # float16 logits
-    assert cache.bytes_per_sample() == 4 * 2 + 4 + 1  # 4 float16 logits, CRC-32, filled flag
+    assert cache.bytes_per_sample() == 4 * 2 + 8 + 4 + 1  # 4 float16 logits, inputs digest, CRC-32, filled flag
     again = TeacherCache(tmp_path / "cache")
     np.testing.assert_allclose(_fit(tmp_path, again).losses, cached.losses, rtol=1e-6)  # a later run reads it all
     assert again.teacher_runs == 0
@@ -77,7 +77,7 @@ def test_topk_cache_trains_with_the_bucketed_kd_and_counts_bytes(tmp_path):
     plain = _fit(tmp_path)
     assert cache.teacher_runs == 4 and all(math.isfinite(v) for v in record.losses)
     assert 0.0 <= plain.kd[0] - record.kd[0]  # same weights at step 1: the bucketed KD never exceeds the full KD
-    assert cache.bytes_per_sample() == 2 * 2 + 2 * 2 + 4 + 4 + 1  # float16 values, int16 indices, tail, CRC, flag
+    assert cache.bytes_per_sample() == 2 * 2 + 2 * 2 + 4 + 8 + 4 + 1  # values, indices, tail, digest, CRC, flag
 
 
 def test_a_cache_for_another_teacher_is_refused_or_rebuilt(tmp_path):
@@ -131,7 +131,7 @@ def test_seeded_views_are_cached_and_unseeded_augmentation_is_caught(tmp_path):
     _fit(tmp_path, cache, epochs=4, dataset=IndexedDataset(base, augment=_shifted, views=2))
     assert json.loads((tmp_path / "views" / "meta.json").read_text())["views"] == 2
     assert 0.5 < cache.filled_fraction() <= 1.0 and cache.teacher_runs < 16
-    with pytest.raises(RuntimeError, match=r"no longer match the teacher on the same samples .* at epoch 1"):
+    with pytest.raises(RuntimeError, match=r"inputs of \d+ of 16 samples at epoch 1 .* the inputs changed since"):
         _fit(tmp_path, TeacherCache(tmp_path / "stale"), epochs=2, dataset=IndexedDataset(base, augment=_unseeded))
 
 

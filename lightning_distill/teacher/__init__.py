@@ -7,8 +7,9 @@ and :class:`~lightning_distill.Distiller` both use); :class:`TeacherMixture` is 
 
 from lightning_distill._indexed import Augment, Indexed, IndexedDataset
 from lightning_distill.teacher._cache import OnMismatch, TeacherCache
+from lightning_distill.teacher._checkpoint import load_teacher_checkpoint
 from lightning_distill.teacher._mixture import TeacherMixture
-from lightning_distill.teacher._runner import TeacherOutputs, TeacherPrecision, TeacherRunner, load_teacher_checkpoint
+from lightning_distill.teacher._runner import TeacherOutputs, TeacherPrecision, TeacherRunner
 from lightning_distill.teacher._sharding import TeacherSharding
 
 __all__ = [

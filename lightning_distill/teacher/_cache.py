@@ -1,39 +1,42 @@
 """TeacherCache: the teacher's outputs stored once per (sample, view) and read back in later epochs.
 
-Layout of a cache directory (all arrays preallocated, memory-mapped, one row per ``index * views + view``):
-
-- ``meta.json``: format version, teacher fingerprint, number of samples, views, classes, ``top_k``, temperature
-  (top-k only); written atomically (temporary file + rename).
-- ``values.bin``: float16 logits ``(rows, C)``, or float16 top-k log-probabilities ``(rows, k)``.
-- ``indices.bin`` (top-k): int16/int32 class indices ``(rows, k)``; ``tail.bin`` (top-k): float32 tail mass.
-- ``crc.bin``: uint32 CRC-32 of each row's bytes; ``filled.bin``: uint8, 1 once a row is complete.
-
-A row counts only when its ``filled`` flag is set, and the flag is written after the row's data and checksum, so a
-process killed mid-epoch leaves rows that read as missing (they are filled again on resume), never as valid. Every
-read row is checked against its checksum (a torn or corrupted row raises); files of the wrong size (truncated)
-are refused when the cache is opened.
+The files are described in :mod:`lightning_distill.teacher._cache_files`. A row counts only when its ``filled`` flag
+is set, and the flag is written after the row's data, inputs digest and checksum, so a process killed mid-epoch leaves
+rows that read as missing (they are filled again on resume), never as valid. Every read row is checked twice: against
+its checksum, which covers its row number (a torn, corrupted or moved row raises), and against the digest of the
+inputs the teacher would run on now (a row cached for other inputs raises). Files of the wrong size (truncated) and
+an unreadable ``meta.json`` are refused when the cache is opened, or rebuilt with ``on_mismatch="rebuild"``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_distill._indexed import Indexed
 from lightning_distill.losses.functional.topk import topk_log_probs
+from lightning_distill.teacher._cache_files import (
+    DamagedCacheError,
+    allocate,
+    creation_lock,
+    differences,
+    is_intact,
+    layout,
+    map_rows,
+    prepare_directory,
+    read_meta,
+    remove,
+    row_checksums,
+)
+from lightning_distill.teacher._digest import input_digests
 from lightning_distill.teacher._runner import TeacherOutputs, TopKTeacher
 
-# 2: only finite rows are stored (rows are read back unchecked); a format-1 cache may hold non-finite rows.
-_FORMAT = 2
 OnMismatch = Literal["refuse", "rebuild"]
 
 
@@ -46,17 +49,22 @@ class TeacherCache:
     dataset in :class:`~lightning_distill.teacher.IndexedDataset` (or return
     :class:`~lightning_distill.teacher.Indexed` items yourself).
 
+    Every row read is bound to its sample: it is stored with a 64-bit digest of the inputs the teacher ran on and
+    read back only when the batch's inputs have the same digest (else a ``RuntimeError`` names the samples), and its
+    checksum covers its row number. The cache is made for one teacher: a fingerprint of every byte of its weights.
+
     Args:
         path: Directory of the cache (created if missing). Under DDP every process on the machine shares it: each
             writes the rows of its own samples.
         top_k: ``None`` stores the full logits in float16 (any divergence, any temperature). An int stores the top-k
             log-probabilities at the module's temperature and the tail mass (``divergence="kl"`` only, constant
             temperature; see :mod:`lightning_distill.losses.functional.topk` for the error bound).
-        on_mismatch: What to do when the directory holds a cache for another teacher, dataset size or settings:
-            ``"refuse"`` (default, raise naming the differences) or ``"rebuild"`` (delete it and start again).
-        verify: At the first fully cached batch of every epoch also run the teacher and compare, so inputs that
-            changed (a random augmentation outside ``IndexedDataset``'s seeded views) raise instead of training on
-            stale outputs. Costs one teacher forward per epoch.
+        on_mismatch: What to do when the directory holds a cache for another teacher, dataset size or settings, or a
+            damaged one (a truncated file, an unreadable ``meta.json``): ``"refuse"`` (default, raise naming the
+            differences or the file) or ``"rebuild"`` (delete the cache's files and start again).
+        verify: At the first fully cached batch of every epoch also run the teacher and compare. The inputs and the
+            weights are checked anyway; this catches a teacher whose forward changed without its weights (its code,
+            precision or device) or that is not deterministic. Costs one teacher forward per epoch.
 
     Raises:
         ValueError: For a bad ``top_k`` or ``on_mismatch``.
@@ -80,6 +88,7 @@ class TeacherCache:
         self._arrays: dict[str, np.memmap] = {}
         self._views: dict[str, np.ndarray] = {}
         self._verified_epoch = -1
+        self._warned_unbound = False
 
     # ------------------------------------------------------------------------------------------------------- files
     @property
@@ -97,57 +106,79 @@ class TeacherCache:
         """Fraction of (sample, view) rows stored."""
         return float(np.asarray(self._arrays["filled"]).mean()) if self._meta is not None else 0.0
 
+    def prepare(self) -> None:
+        """Create the cache directory if missing and check that this process can write in it (before any batch).
+
+        Raises:
+            OSError: Naming the directory and the operating system's reason (a parent that is a file, no
+                permission, a read-only file system).
+        """
+        prepare_directory(self.path)
+
+    def close(self) -> None:
+        """Forget the open files (the next :meth:`open` checks the directory again); filled rows stay on disk."""
+        self._meta, self._arrays, self._views = None, {}, {}
+        self._verified_epoch = -1
+
     def open(self, expected: dict[str, Any], create: bool, barrier: Callable[[], None] = lambda: None) -> bool:
-        """Open the cache for ``expected`` settings; with ``create`` (rank 0) make or rebuild it first.
+        """Open the cache for ``expected`` settings; with ``create`` (rank 0) make, repair or rebuild it first.
+
+        Creation holds the directory's lock file, so fits that open one new cache at once create it one after the
+        other (the second opens the first one's cache). An open that raises leaves the cache closed.
 
         Returns ``False`` when there is no cache yet and ``create`` is false.
 
         Raises:
-            ValueError: If an existing cache was made for other settings and ``on_mismatch="refuse"``, or a file has
-                the wrong size.
+            ValueError: If an existing cache was made for other settings, a file has the wrong size or ``meta.json``
+                is unreadable, and ``on_mismatch="refuse"``.
+            OSError: If the directory cannot be created or written (with ``create``).
         """
-        meta_path = self.path / "meta.json"
+        self.close()
+        failure: Exception | None = None
         if create:
-            if meta_path.is_file():
-                found = json.loads(meta_path.read_text())
-                if _differences(found, expected) and self.on_mismatch == "rebuild":
-                    shutil.rmtree(self.path)
-            if not meta_path.is_file():
-                self._allocate(expected)
+            try:
+                self.prepare()
+                with creation_lock(self.path):
+                    self._create_or_rebuild(expected)
+            except Exception as err:  # the other processes wait at the barrier: let them pass, then raise
+                failure = err
         barrier()
-        if not meta_path.is_file():
+        if failure is not None:
+            raise failure
+        found = read_meta(self.path)
+        if found is None:
             return False
-        found = json.loads(meta_path.read_text())
-        differences = _differences(found, expected)
-        if differences:
+        found_differences = differences(found, expected)
+        if found_differences:
             raise ValueError(
-                f"The teacher cache in {str(self.path)!r} was made for other settings: {'; '.join(differences)}. "
+                f"The teacher cache in {str(self.path)!r} was made for other settings: {'; '.join(found_differences)}. "
                 "HINT: pass `TeacherCache(..., on_mismatch='rebuild')` to rebuild it, or use another directory."
             )
-        self._meta = found
-        self._arrays = {name: self._map(name, shape, dtype, "r+") for name, (shape, dtype) in _layout(found).items()}
+        arrays = map_rows(self.path, found)
         # plain ndarray views of the same mapped memory: indexing them skips np.memmap's per-result bookkeeping
-        self._views = {name: np.asarray(array) for name, array in self._arrays.items()}
+        self._meta, self._arrays = found, arrays
+        self._views = {name: np.asarray(array) for name, array in arrays.items()}
         return True
 
-    def _allocate(self, meta: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        for name, (shape, dtype) in _layout(meta).items():
-            self._map(name, shape, dtype, "w+").flush()
-        tmp = self.path / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, sort_keys=True))
-        os.replace(tmp, self.path / "meta.json")  # the cache exists only once every file does
+    def _create_or_rebuild(self, expected: dict[str, Any]) -> None:
+        """Under the lock: allocate a missing cache; rebuild a mismatched or damaged one when ``on_mismatch`` says so.
 
-    def _map(self, name: str, shape: tuple[int, ...], dtype: str, mode: Literal["r+", "w+"]) -> np.memmap:
-        file = self.path / f"{name}.bin"
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if mode == "r+" and (not file.is_file() or file.stat().st_size != expected):
-            size = file.stat().st_size if file.is_file() else "missing"
-            raise ValueError(
-                f"Teacher cache file {str(file)!r} is truncated or damaged: {size} bytes, expected {expected}. "
-                "HINT: delete the cache directory, or pass `on_mismatch='rebuild'`."
-            )
-        return np.memmap(file, dtype=dtype, mode=mode, shape=shape)
+        A cache left as it is (intact and matching, or refused) is checked again by :meth:`open`, which raises.
+        """
+        try:
+            found = read_meta(self.path)
+        except DamagedCacheError:
+            if self.on_mismatch == "refuse":
+                return
+            found = None
+        if found is not None:
+            if differences(found, expected) or not is_intact(self.path, found):
+                if self.on_mismatch == "refuse":
+                    return
+            else:
+                return
+        remove(self.path)
+        allocate(self.path, expected)
 
     def flush(self) -> None:
         """Write every mapped page to disk (called at epoch end)."""
@@ -186,10 +217,34 @@ class TeacherCache:
         """Which of ``rows`` are stored."""
         return self._views["filled"][rows].astype(bool)
 
-    def store(self, rows: np.ndarray, logits: Tensor) -> None:
-        """Encode the teacher's logits ``(B, C)`` and write the rows: data, then checksum, then the filled flag.
+    def digests(self, inputs: Any, count: int) -> np.ndarray:
+        """The ``(count,)`` uint64 digests of a batch's inputs that its rows are stored with and checked against.
+
+        Every tensor of ``inputs`` whose first dimension is the batch's enters (see
+        :func:`~lightning_distill.teacher._digest.input_digests`); inputs without one bind no row to its sample (all
+        digests 0, with a warning).
+        """
+        digests = input_digests(inputs, count)
+        if digests is not None:
+            return digests
+        if not self._warned_unbound:
+            self._warned_unbound = True
+            rank_zero_warn(
+                f"Teacher cache {str(self.path)!r}: the teacher's inputs hold no tensor whose first dimension is the "
+                f"batch's {count} samples (got {type(inputs).__name__}), so cached rows are not checked against "
+                "their samples' inputs. HINT: give the teacher batch-first tensors."
+            )
+        return np.zeros(count, dtype=np.uint64)
+
+    def store(self, rows: np.ndarray, logits: Tensor, digests: np.ndarray) -> None:
+        """Encode the teacher's logits ``(B, C)`` and write the rows: data and digests, checksums, filled flags.
 
         Only finite rows are stored, so every row read back (its checksum verified) is finite without a check.
+
+        Args:
+            rows: The batch's cache rows (:meth:`rows`).
+            logits: The teacher's logits for them.
+            digests: The digests of the inputs the logits were computed from (:meth:`digests`).
 
         Raises:
             FloatingPointError: If an encoded row holds NaN or inf: the teacher's logits did, or exceed float16's
@@ -209,25 +264,54 @@ class TeacherCache:
             )
         for name, part in parts.items():
             self._arrays[name][rows] = part
-        self._arrays["crc"][rows] = _crc(parts)
+        self._arrays["inputs"][rows] = digests
+        self._arrays["crc"][rows] = row_checksums(parts, digests, rows)
         self._arrays["filled"][rows] = 1
 
-    def load(self, rows: np.ndarray, device: torch.device) -> TeacherOutputs:
-        """Read stored rows (checksums verified) and return them as teacher outputs on ``device``.
+    def load(self, rows: np.ndarray, device: torch.device, digests: np.ndarray, epoch: int = -1) -> TeacherOutputs:
+        """Read stored rows and return them as teacher outputs on ``device``, once each row passed both checks.
+
+        Args:
+            rows: The batch's cache rows (:meth:`rows`).
+            device: Where the outputs go.
+            digests: The digests of the batch's inputs now (:meth:`digests`).
+            epoch: The epoch, for the message.
 
         Raises:
-            ValueError: If a row's checksum does not match (a corrupted or torn row).
+            ValueError: If a row's checksum does not match: a corrupted or torn row, or one moved to another row.
+            RuntimeError: If a row was stored for other inputs than the batch's (the inputs changed since).
         """
         views = self._views
         names = ("values",) if self.top_k is None else ("values", "indices", "tail")
         parts = {name: views[name][rows] for name in names}
-        bad = _crc(parts) != views["crc"][rows]
+        stored = views["inputs"][rows]
+        bad = row_checksums(parts, stored, rows) != views["crc"][rows]
         if bad.any():
             raise ValueError(
-                f"Teacher cache {str(self.path)!r}: rows {rows[bad][:5].tolist()} fail their checksum (corrupted "
-                "files). HINT: delete the cache directory, or pass `on_mismatch='rebuild'` after deleting meta.json."
+                f"Teacher cache {str(self.path)!r}: rows {rows[bad][:5].tolist()} fail their checksum "
+                f"({self._samples(rows[bad])}; it covers each row's data, inputs digest and row number): the cache "
+                "files are corrupted, or rows were moved within them. HINT: delete "
+                f"{str(self.path / 'meta.json')!r} (the next fit rebuilds the cache), or use another directory."
+            )
+        changed = stored != digests
+        if changed.any():
+            raise RuntimeError(
+                f"Teacher cache {str(self.path)!r}: the inputs of {int(changed.sum())} of {len(rows)} samples at epoch "
+                f"{epoch} ({self._samples(rows[changed])}) are not those their teacher outputs were cached for (the "
+                "inputs digests differ): the inputs changed since they were cached. The dataset changed (other "
+                "samples at the same indices), or a random augmentation ignores the generator that "
+                "`IndexedDataset(augment=fn(sample, generator), views=K)` gives it, or a collator pads a sample "
+                "differently in different batches (pad to a fixed length). HINT: for new data rebuild the cache: "
+                f"delete {str(self.path / 'meta.json')!r} or use another directory; otherwise make each (sample, view) "
+                "the same every epoch, or remove `cache=`."
             )
         return self._decode(parts, device)
+
+    def _samples(self, rows: np.ndarray) -> str:
+        """``"sample index [..], view [..]"`` of up to five rows."""
+        assert self._meta is not None
+        views = self._meta["views"]
+        return f"sample index {(rows[:5] // views).tolist()}, view {(rows[:5] % views).tolist()}"
 
     def encode_decode(self, logits: Tensor) -> TeacherOutputs:
         """What a stored-then-loaded copy of ``logits`` reads as (the same rounding as the cache)."""
@@ -238,7 +322,7 @@ class TeacherCache:
             return {"values": logits.detach().float().cpu().numpy().astype(np.float16)}
         assert self._meta is not None
         values, indices, tail = topk_log_probs(logits.detach(), self.top_k, self._meta["temperature"])
-        index_dtype = _layout(self._meta)["indices"][1]
+        index_dtype = layout(self._meta)["indices"][1]
         return {
             "values": values.cpu().numpy().astype(np.float16),
             "indices": indices.cpu().numpy().astype(index_dtype),
@@ -258,82 +342,73 @@ class TeacherCache:
         topk = TopKTeacher(values=values, indices=indices, tail=tail, temperature=float(self._meta["temperature"]))
         return TeacherOutputs(logits=dense, topk=topk)
 
-    def outputs(self, rows: np.ndarray, run: Callable[[], Tensor], epoch: int, device: torch.device) -> TeacherOutputs:
+    def outputs(
+        self,
+        rows: np.ndarray,
+        run: Callable[[], Tensor],
+        epoch: int,
+        device: torch.device,
+        inputs: Any,
+        fingerprint: Callable[[], str] | None = None,
+    ) -> TeacherOutputs:
         """The teacher outputs of a batch: read when every row is stored, else ``run()`` the teacher and store them.
 
         Either way the outputs are the cache's rounding of the teacher's (float16 logits, or top-k), so the
-        objective is the same in every epoch. The first fully cached batch of each epoch is also compared with a
-        fresh teacher run when ``verify``.
+        objective is the same in every epoch. Read rows are checked against their checksums and the digests of
+        ``inputs``; the first fully cached batch of each epoch is also compared with a fresh teacher run when
+        ``verify``.
+
+        Args:
+            rows: The batch's cache rows (:meth:`rows`).
+            run: Runs the teacher on the batch and returns its logits ``(B, C)``.
+            epoch: The current epoch.
+            device: Where the outputs go.
+            inputs: What the teacher runs on (a tensor, or a mapping / tuple of tensors).
+            fingerprint: Computes the teacher's weights fingerprint now, to name the cause when ``verify`` fails.
         """
+        digests = self.digests(inputs, len(rows))
         if self._views["filled"][rows].all():
-            stored = self.load(rows, device)
+            stored = self.load(rows, device, digests, epoch)
             if self.verify and self._verified_epoch != epoch:
-                self._check_fresh(stored, run(), epoch)
+                self._check_fresh(stored, run(), epoch, fingerprint)
             return stored
         logits = run()
         self.teacher_runs += 1
-        self.store(rows, logits)
+        self.store(rows, logits, digests)
         return self.encode_decode(logits)
 
-    def _check_fresh(self, stored: TeacherOutputs, fresh_logits: Tensor, epoch: int) -> None:
-        """Raise if the stored outputs of a batch differ from the teacher's on the same inputs (stale entries)."""
+    def _check_fresh(
+        self, stored: TeacherOutputs, fresh_logits: Tensor, epoch: int, fingerprint: Callable[[], str] | None
+    ) -> None:
+        """Raise if the stored outputs of a batch (inputs digests verified) differ from the teacher's now."""
+        assert self._meta is not None
         self._verified_epoch = epoch
         expected = self.encode_decode(fresh_logits)
         same_top1, got, want = True, stored.logits, expected.logits
         if stored.topk is not None and expected.topk is not None:
             same_top1 = bool(torch.equal(stored.topk.indices[:, 0], expected.topk.indices[:, 0]))
             got, want = stored.topk.values, expected.topk.values
-        if not same_top1 or not torch.allclose(got, want, atol=2e-2, rtol=1e-2):
-            diff = float((got - want).abs().max())
-            raise RuntimeError(
-                f"Cached teacher outputs no longer match the teacher on the same samples (max difference {diff:.3g} at "
-                f"epoch {epoch}): the inputs changed since they were cached. A random augmentation must draw from "
-                "the generator `IndexedDataset(augment=fn(sample, generator), views=K)` gives it, so that each "
-                "(sample, view) is the same every epoch. HINT: or turn the cache off for this data."
+        if same_top1 and torch.allclose(got, want, atol=2e-2, rtol=1e-2):
+            return
+        diff = float((got - want).abs().max())
+        made_for, now = self._meta["teacher"], None if fingerprint is None else fingerprint()
+        if now is not None and now != made_for:
+            cause = (
+                f"the teacher's weights changed during the fit (fingerprint {made_for!r} when the cache was opened, "
+                f"{now!r} now), but a cache holds one teacher's outputs"
             )
-
-
-def cache_settings(
-    fingerprint: str, num_samples: int, views: int, num_classes: int, top_k: int | None, temperature: float | None
-) -> dict[str, Any]:
-    """The settings a cache is valid for (its ``meta.json``)."""
-    return {
-        "format": _FORMAT,
-        "teacher": fingerprint,
-        "num_samples": int(num_samples),
-        "views": int(views),
-        "num_classes": int(num_classes),
-        "top_k": top_k,
-        "temperature": None if top_k is None else float(temperature),  # type: ignore[arg-type]
-    }
-
-
-def _differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    return [
-        f"{key}: cache {found.get(key)!r}, now {value!r}" for key, value in expected.items() if found.get(key) != value
-    ]
-
-
-def _layout(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-    rows = meta["num_samples"] * meta["views"]
-    top_k, classes = meta["top_k"], meta["num_classes"]
-    layout: dict[str, tuple[tuple[int, ...], str]] = {
-        "values": ((rows, classes if top_k is None else top_k), "float16")
-    }
-    if top_k is not None:
-        layout["indices"] = ((rows, top_k), "int16" if classes <= np.iinfo(np.int16).max else "int32")
-        layout["tail"] = ((rows,), "float32")
-    layout["crc"] = ((rows,), "uint32")
-    layout["filled"] = ((rows,), "uint8")
-    return layout
-
-
-def _crc(parts: dict[str, np.ndarray]) -> np.ndarray:
-    """CRC-32 of each row over every part's bytes, in a fixed order."""
-    count = len(next(iter(parts.values())))
-    flat = [np.ascontiguousarray(parts[name]).reshape(count, -1).view(np.uint8) for name in sorted(parts)]
-    joined = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
-    return np.fromiter(map(zlib.crc32, joined), dtype=np.uint32, count=count)  # each row through its buffer
+        else:
+            cause = (
+                f"the inputs are those the rows were cached for (their digests match) and the weights those the cache "
+                f"was made for (fingerprint {made_for!r}), so the teacher's forward computes something else on the "
+                "same inputs: its code, precision or device changed, or it is not deterministic"
+            )
+        raise RuntimeError(
+            f"Teacher cache {str(self.path)!r}: the teacher's outputs on a fully cached batch at epoch {epoch} differ "
+            f"from the cached ones (max difference {diff:.3g}): {cause}. HINT: to cache this teacher's outputs, delete "
+            f"{str(self.path / 'meta.json')!r} (the next fit rebuilds the cache) or use another directory; a teacher "
+            "that changes during training cannot be cached: remove `cache=`."
+        )
 
 
 def _flat_int64(value: Any) -> np.ndarray:
