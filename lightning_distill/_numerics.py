@@ -49,7 +49,8 @@ def check_finite_loss(
     loss = terms["loss"].detach()
     if bool(torch.isfinite(loss)):
         return
-    culprit, found = "term", [f"{name} = {float(value):g}" for name, value in terms.items() if not _finite(value)]
+    culprit = "term"
+    found = [f"{name} = {float(value.detach()):g}" for name, value in terms.items() if not _finite(value)]
     teacher: dict[str, Tensor] = {}
     if teacher_outputs is not None:
         teacher = {"logits": teacher_outputs.logits, **teacher_outputs.features}
