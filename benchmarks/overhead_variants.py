@@ -148,6 +148,16 @@ def adam(parameters: Any) -> torch.optim.Optimizer:
 
 
 # ------------------------------------------------------------------------------------------ the hand-written modules
+def logged_kd_step(module: L.LightningModule, student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> Tensor:
+    """The inline KD loss, its three terms logged with ``self.log_dict`` every step, as one writes it by hand."""
+    loss, task_loss, kd_loss = inline_kd_loss(student_logits, teacher_logits, y, ALPHA, TEMPERATURE)
+    module.log_dict(
+        {"train/loss": loss.detach(), "train/task_loss": task_loss.detach(), "train/kd_loss": kd_loss.detach()},
+        batch_size=y.shape[0],
+    )
+    return loss
+
+
 class HandWrittenKD(L.LightningModule):
     """The LightningModule one would write by hand: teacher as a frozen submodule, inline loss, three logged terms."""
 
@@ -166,12 +176,7 @@ class HandWrittenKD(L.LightningModule):
         x, y = batch
         with torch.no_grad():
             teacher_logits = self.teacher(x)
-        loss, task_loss, kd_loss = inline_kd_loss(self.student(x), teacher_logits, y, ALPHA, TEMPERATURE)
-        self.log_dict(
-            {"train/loss": loss.detach(), "train/task_loss": task_loss.detach(), "train/kd_loss": kd_loss.detach()},
-            batch_size=x.shape[0],
-        )
-        return loss
+        return logged_kd_step(self, self.student(x), teacher_logits, y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return adam(self.student.parameters())
@@ -241,12 +246,7 @@ class HandWrittenCachedKD(L.LightningModule):
     def training_step(self, batch: Indexed, batch_idx: int) -> Tensor:
         x, y = batch.sample
         teacher_logits = self.logits[batch.index].float()
-        loss, task_loss, kd_loss = inline_kd_loss(self.student(x), teacher_logits, y, ALPHA, TEMPERATURE)
-        self.log_dict(
-            {"train/loss": loss.detach(), "train/task_loss": task_loss.detach(), "train/kd_loss": kd_loss.detach()},
-            batch_size=x.shape[0],
-        )
-        return loss
+        return logged_kd_step(self, self.student(x), teacher_logits, y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return adam(self.student.parameters())
