@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_distill import DistillationCallback, DistillModule, TeacherCache
 from lightning_distill.teacher import IndexedDataset
-from lightning_distill.teacher._runner import teacher_fingerprint
 from tests.helpers.tiny import (
     IN_DIM,
+    NUM_CLASSES,
     KwargsTeacher,
     TinyTeacher,
     make_data,
@@ -158,9 +158,8 @@ def test_2c_a_weight_change_a_sampled_fingerprint_misses_refuses_the_cache(tmp_p
     _fit(tmp_path, TeacherCache(tmp_path / "cache"), teacher)
     changed = copy.deepcopy(teacher)
     with torch.no_grad():
-        # the sampled fingerprint reads every 2nd of these 8192 values, so not this one
+        # the sampled fingerprint of 0.1.0 read every 2nd of these 8192 values, so not this one
         changed.get_parameter("0.weight").view(-1)[1] += 1e-3
-    assert teacher_fingerprint(changed) == teacher_fingerprint(teacher)  # the gap this closes
     with pytest.raises(ValueError, match=r"was made for other settings: teacher: cache '[0-9a-f]{32}', now"):
         _fit(tmp_path, TeacherCache(tmp_path / "cache"), changed)
 
@@ -331,3 +330,17 @@ def test_3e_a_read_only_cache_directory_fails_at_setup(tmp_path: Path) -> None:
     (tmp_path / "ro").mkdir(mode=0o555)
     with pytest.raises(PermissionError, match=r"Teacher cache directory '.*ro' cannot be created or written: Permissi"):
         _fit(tmp_path, TeacherCache(tmp_path / "ro"), CountingTeacher())
+
+
+# ------------------------------------------------------------ 7: a top_k above the classes, named when the cache opens
+def test_7_a_top_k_above_the_teachers_classes_is_named_before_anything_is_stored(tmp_path: Path) -> None:
+    # it failed with torch's bare `selected index k out of range` from topk
+    cache = TeacherCache(tmp_path / "cache", top_k=NUM_CLASSES + 1)
+    with pytest.raises(
+        ValueError,
+        match=rf"top_k={NUM_CLASSES + 1}\)` keeps more classes than the teacher has "
+        rf"\({NUM_CLASSES}\)\. HINT: pass `top_k` below {NUM_CLASSES}",
+    ):
+        _fit(tmp_path, cache, TinyTeacher())
+    assert not cache.is_open and not (tmp_path / "cache" / "meta.json").exists()
+    _fit(tmp_path, TeacherCache(tmp_path / "cache", top_k=NUM_CLASSES), TinyTeacher())  # all classes: allowed

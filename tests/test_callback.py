@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import copy
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,23 @@ def test_resuming_with_a_different_teacher_warns(tmp_path):
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     torch.manual_seed(123)
     other = make_trainer(tmp_path, max_epochs=2, callbacks=[DistillationCallback(TinyTeacher())])
+    with pytest.warns(UserWarning, match="different teacher"):
+        other.fit(student_module(), make_loader(), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_resume_compares_every_weight_of_the_teacher(tmp_path):
+    teacher = TinyTeacher()
+    trainer = make_trainer(tmp_path, callbacks=[DistillationCallback(teacher)])
+    trainer.fit(student_module(), make_loader())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    same = make_trainer(tmp_path, max_epochs=2, callbacks=[DistillationCallback(copy.deepcopy(teacher))])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*different teacher")
+        same.fit(student_module(), make_loader(), ckpt_path=tmp_path / "a.ckpt")
+    changed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[1] += 1e-4  # one value, off a strided sample of the weights
+    other = make_trainer(tmp_path, max_epochs=2, callbacks=[DistillationCallback(changed)])
     with pytest.warns(UserWarning, match="different teacher"):
         other.fit(student_module(), make_loader(), ckpt_path=tmp_path / "a.ckpt")
 

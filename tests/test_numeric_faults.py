@@ -98,7 +98,9 @@ def test_check_finite_false_trains_on(tmp_path):
     student = Poisoned(tiny_student(), float("nan"))
     _fit(tmp_path, DistillModule(student=student, alpha=0.5, check_finite=False), TinyTeacher())
     assert any(not torch.isfinite(p).all() for p in student.parameters())
-    with pytest.raises(FloatingPointError, match=r"The teacher's logits contain 1 NaN/inf value\(s\)"):
+    with pytest.raises(
+        FloatingPointError, match=r"The teacher's logits contain 1 NaN/\+inf value\(s\) and 0 all -inf row\(s\)"
+    ):
         _fit(tmp_path, DistillModule(student=tiny_student(), check_finite=False), Poisoned(TinyTeacher(), float("nan")))
     with pytest.raises(TypeError, match=r"`check_finite` must be True or False, got 1"):
         DistillModule(student=tiny_student(), check_finite=1)  # type: ignore[arg-type]
@@ -137,3 +139,49 @@ def test_the_distiller_checks_its_loss_too():
     unchecked = Distiller(TinyTeacher(), alpha=0.5, check_finite=False)
     unchecked.on_train_begin(student)
     assert not torch.isfinite(unchecked.loss(x, bad, y))
+
+
+class NaNOnLargeInputs(nn.Module):
+    """A teacher that is finite on the training data and gives NaN on inputs above 50 (the validation data here)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(x)
+        return torch.where(x.abs().amax(-1, keepdim=True) > 50, float("nan"), logits)
+
+
+def _fit_validating(tmp_path, teacher, **callback_args):  # type: ignore[no-untyped-def]
+    x, y = make_data(32)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x * 1000, y), batch_size=16)
+    callback = DistillationCallback(teacher, check_accuracy=False, **callback_args)
+    trainer = make_trainer(tmp_path, callbacks=[callback], num_sanity_val_steps=0)
+    trainer.fit(DistillModule(student=tiny_student(), alpha=0.5), _loader(), val)
+    return trainer
+
+
+def test_a_teacher_giving_nan_on_validation_batches_is_named(tmp_path):
+    # it logged `val/kd_loss: nan` and `val/agreement: 0` as if they had been measured
+    with pytest.raises(
+        FloatingPointError,
+        match=r"teacher's logits contain 64 NaN/\+inf value\(s\) .* on validation batch 0 \(global step 2, epoch 0\)",
+    ):
+        _fit_validating(tmp_path, NaNOnLargeInputs(TinyTeacher()))
+    trainer = _fit_validating(tmp_path, NaNOnLargeInputs(TinyTeacher()), check_finite=False)  # the opt-out
+    assert torch.isnan(trainer.callback_metrics["val/kd_loss"])
+
+
+def test_masked_classes_are_not_a_fault_but_an_all_masked_row_is(tmp_path):
+    # a -inf logit masks a class (a padded vocabulary): the teacher's check let no such teacher train
+    _fit(tmp_path, DistillModule(student=tiny_student(), check_finite=False), Poisoned(TinyTeacher(), float("-inf")))
+
+    class AllMasked(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            logits = torch.zeros(x.shape[0], NUM_CLASSES)
+            logits[1] = float("-inf")
+            return logits
+
+    with pytest.raises(FloatingPointError, match=r"0 NaN/\+inf value\(s\) and 1 all -inf row\(s\) .* training batch 0"):
+        _fit(tmp_path, DistillModule(student=tiny_student(), check_finite=False), AllMasked())

@@ -129,11 +129,17 @@ class TeacherCache:
         Returns ``False`` when there is no cache yet and ``create`` is false.
 
         Raises:
-            ValueError: If an existing cache was made for other settings, a file has the wrong size or ``meta.json``
-                is unreadable, and ``on_mismatch="refuse"``.
+            ValueError: If ``top_k`` exceeds the teacher's classes, or an existing cache was made for other settings,
+                a file has the wrong size or ``meta.json`` is unreadable, and ``on_mismatch="refuse"``.
             OSError: If the directory cannot be created or written (with ``create``).
         """
         self.close()
+        classes = expected.get("num_classes")
+        if self.top_k is not None and isinstance(classes, int) and self.top_k > classes:
+            raise ValueError(
+                f"`TeacherCache(top_k={self.top_k})` keeps more classes than the teacher has ({classes}). HINT: pass "
+                f"`top_k` below {classes}, or `top_k=None` to store the full logits."
+            )
         failure: Exception | None = None
         if create:
             try:

@@ -7,7 +7,6 @@ drives it from the Trainer's hooks, and loop-level APIs can drive the same engin
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,6 @@ from lightning_distill.teacher._sharding import (
     resolve_sharding,
     shard_teacher,
 )
-
-_SAMPLES_PER_TENSOR = 4096
 
 TeacherPrecision = Literal["32", "64", "16", "bf16"]
 """A precision of the teacher's own, independent of the student's: float32, float64, float16 or bfloat16 weights."""
@@ -123,33 +120,6 @@ class TopKTeacher:
     indices: Tensor
     tail: Tensor
     temperature: float
-
-
-def teacher_fingerprint(teacher: nn.Module) -> str:
-    """Return a short hash identifying the teacher's architecture and weights.
-
-    The hash covers every state entry's name, shape and dtype, and a fixed strided sample of up to 4096 of its
-    values (so fingerprinting a large teacher costs little). Two teachers that differ only in weights outside the
-    sample would collide; in practice trained weights differ everywhere. Tensors on the ``meta`` device (weights not
-    materialized yet) have no values: only their name, shape and dtype count.
-
-    Example::
-
-        >>> torch.manual_seed(0) is not None
-        True
-        >>> a, b = nn.Linear(3, 2), nn.Linear(3, 2)
-        >>> teacher_fingerprint(a) == teacher_fingerprint(a), teacher_fingerprint(a) == teacher_fingerprint(b)
-        (True, False)
-    """
-    digest = hashlib.sha256()
-    for name, tensor in teacher.state_dict().items():
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() and not flat.is_meta:
-            step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-            sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.float64)
-            digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class TeacherRunner:
