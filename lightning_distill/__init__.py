@@ -6,11 +6,13 @@ both compose the same :class:`DistillationObjective`. The capabilities live in s
 names in ``__all__``: :mod:`~lightning_distill.teacher`, :mod:`~lightning_distill.features`,
 :mod:`~lightning_distill.losses`, :mod:`~lightning_distill.self_distill`, :mod:`~lightning_distill.quantization` and
 :mod:`~lightning_distill.interop`; :mod:`~lightning_distill.demos` (demo data and models) is never imported by the
-library.
+library. :class:`ResumableDataLoader` (:mod:`~lightning_distill.data`) lets a fit resumed from a checkpoint saved
+inside an epoch continue with the batches it had not reached.
 """
 
 from lightning_distill import schedules
 from lightning_distill.callback import DistillationCallback
+from lightning_distill.data import ResumableDataLoader, ResumableSampler
 from lightning_distill.distiller import Distiller
 from lightning_distill.features import FeatureMap
 from lightning_distill.module import DistillModule
@@ -27,6 +29,8 @@ __all__ = [
     "Distiller",
     "FeatureMap",
     "IndexedDataset",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "SelfDistillModule",
     "TeacherCache",
     "TeacherMixture",

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_distill._contract import TeacherClient, TeacherConnection, TeacherNeeds, TeacherRequest
+from lightning_distill._rng import ResumeRng
 from lightning_distill.teacher._cache import TeacherCache
 from lightning_distill.teacher._cache_files import cache_settings
 from lightning_distill.teacher._digest import teacher_weights_fingerprint
@@ -151,6 +152,7 @@ class DistillationCallback(L.Callback):
         self._forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self._first_batch_checked = False
         self._first_batch: tuple[Tensor, Tensor] | None = None  # the first batch's teacher logits and target
+        self._rng = ResumeRng("DistillationCallback")  # the global RNG states, kept in checkpoints for resume
 
     @property
     def runner(self) -> TeacherRunner:
@@ -257,6 +259,7 @@ class DistillationCallback(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rng.fit_start(trainer)  # a resumed fit's shuffling and dropout continue the interrupted fit's streams
         if self._loaded_fingerprint is not None and self._loaded_fingerprint != self.fingerprint:
             rank_zero_warn(
                 f"Resuming with a different teacher: the checkpoint was trained with teacher fingerprint "
@@ -406,6 +409,18 @@ class DistillationCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # checkpoints of 0.1.0 hold a sampled "teacher_fingerprint", not comparable with this one: not checked
         self._loaded_fingerprint = state_dict.get("teacher_weights_fingerprint")
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._rng.save(checkpoint)  # the global RNG states, for a resumed fit's shuffling and dropout
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._rng.load(checkpoint)  # restored in on_fit_start if this fit resumes from the checkpoint
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rng.train_start(trainer)  # warns when a mid-epoch resume cannot continue the epoch's batches
 
 
 def _as_client(pl_module: L.LightningModule) -> TeacherClient:

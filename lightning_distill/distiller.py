@@ -56,6 +56,12 @@ class Distiller(nn.Module):
             distiller.on_epoch_end()
         distiller.on_train_end()                                # removes the hooks
 
+    To resume your loop exactly, checkpoint ``distiller.state_dict()`` (the projectors and the schedules'
+    counters), the ``state_dict()`` of a :class:`~lightning_distill.ResumableDataLoader` (the epoch and the position
+    in it: its ``load_state_dict`` continues there) and the global generators' states (``torch.get_rng_state()``,
+    NumPy's and Python's if your loop draws from them, for shuffling and dropout), and set those again right before
+    the resumed loop's first step.
+
     Args:
         teacher: The teacher model (frozen here; never trained), or a
             :class:`~lightning_distill.teacher.TeacherRunner` holding it with its placement (checkpoint, logits layer,

@@ -119,3 +119,51 @@ def test_fabric_example_under_two_process_ddp_keeps_students_and_projectors_equa
         assert report["world_size"] == 2 and report["students_equal"] and report["projectors_equal"]
         assert report["student_is_ddp"] and report["distiller_is_ddp"] and not report["teacher_wrapped"]
         assert report["projectors_trained"] and report["teacher_frozen_eval"]
+
+
+class ShareChecks(L.Callback):
+    """Every process trains its own half of each epoch, from the ResumableSampler it was given."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        from lightning_distill import ResumableSampler
+
+        sampler = trainer.train_dataloader.sampler
+        assert isinstance(sampler, ResumableSampler)
+        assert (sampler.num_replicas, sampler.rank) == (2, trainer.global_rank)
+        inputs = pl_module.all_gather(batch[0])
+        assert not torch.equal(inputs[0], inputs[1])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_ddp_spawn_mid_epoch_resume_with_the_resumable_loader_is_bit_identical(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_distill import ResumableDataLoader
+    from tests.test_resume_faults import CrashAtStep, dataset, distill_module
+
+    teacher = TinyTeacher()
+
+    def fit(name: str, module: L.LightningModule, callbacks: list[L.Callback], **kwargs: object) -> None:
+        trainer = make_trainer(
+            tmp_path / name,
+            strategy="ddp_spawn",
+            devices=2,
+            max_epochs=2,
+            limit_train_batches=None,
+            callbacks=[DistillationCallback(teacher), ShareChecks(), *callbacks],
+            enable_checkpointing=bool(callbacks),
+        )
+        trainer.fit(module, ResumableDataLoader(dataset(), batch_size=8, seed=3), ckpt_path=kwargs.get("ckpt_path"))
+
+    straight = distill_module(0, features=False)  # 64 samples, 32 per process: 4 batches of 8 per epoch
+    fit("a", straight, [])
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=3, save_last=True)
+    with pytest.raises(Exception, match="simulated crash"):
+        fit("b", distill_module(0, features=False), [checkpoint, CrashAtStep(6)])  # inside epoch 1
+    resumed = distill_module(1, features=False)
+    fit("c", resumed, [], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+

@@ -147,6 +147,8 @@ def test_the_top_level_api() -> None:
         "Distiller",
         "FeatureMap",
         "IndexedDataset",
+        "ResumableDataLoader",
+        "ResumableSampler",
         "SelfDistillModule",
         "TeacherCache",
         "TeacherMixture",

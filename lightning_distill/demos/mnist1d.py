@@ -16,7 +16,9 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset, default_collate
+from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+from lightning_distill.data import ResumableDataLoader
 
 __all__ = ["MNIST1DDataModule"]
 
@@ -75,27 +77,6 @@ def _collate_pair(samples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]
     return x, y
 
 
-class _EpochSeededRandomSampler(RandomSampler):
-    """A shuffling sampler whose order depends only on ``(seed, epoch)`` once ``set_epoch`` is called.
-
-    Lightning calls ``set_epoch`` at the start of every epoch (as for ``DistributedSampler``), so the order of epoch
-    ``k`` is the same in an uninterrupted run and in one resumed from a checkpoint, and does not depend on how much
-    of torch's global random stream the model consumed. Without ``set_epoch`` (a plain loop) the generator simply
-    advances, so every pass is still a new permutation. Being a ``RandomSampler``, Lightning replaces it with a
-    ``DistributedSampler(shuffle=True)`` under DDP, as it does for ``DataLoader(shuffle=True)``.
-    """
-
-    def __init__(self, data_source: TensorDataset, seed: int) -> None:
-        self.seed = seed
-        self._generator = torch.Generator()
-        self._generator.manual_seed(seed)
-        super().__init__(data_source, generator=self._generator)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed the generator with ``seed + epoch`` (as ``DistributedSampler`` does)."""
-        self._generator.manual_seed(self.seed + epoch)
-
-
 class MNIST1DDataModule(L.LightningDataModule):
     """MNIST-1D, generated in-process with ``mnist1d.data.make_dataset`` (nothing is downloaded).
 
@@ -112,11 +93,13 @@ class MNIST1DDataModule(L.LightningDataModule):
     ``make_dataset`` already standardises the whole data set, so this changes little for the full split but
     keeps subsets well scaled. The statistics are exposed as ``mean`` and ``std`` after ``setup``.
 
-    Shuffling: the training loader shuffles with its own ``torch.Generator``, seeded with ``shuffle_seed`` or, when
-    that is ``None``, with the seed of :func:`lightning.seed_everything` (``PL_GLOBAL_SEED``); if neither is set a
-    seed is drawn from torch's global generator. The order of epoch ``k`` depends only on that seed and ``k``
-    (Lightning calls the sampler's ``set_epoch``), so runs are reproducible under ``seed_everything`` and a
-    resumed run sees the same batches as an uninterrupted one.
+    Shuffling: the training loader is a :class:`~lightning_distill.ResumableDataLoader` seeded with ``shuffle_seed``
+    or, when that is ``None``, with the seed of :func:`lightning.seed_everything` (``PL_GLOBAL_SEED``); if neither
+    is set a seed is drawn from torch's global generator. The order of epoch ``k`` depends only on that seed and
+    ``k`` (Lightning calls the sampler's ``set_epoch``; a plain loop gets the next epoch's order every complete
+    pass), so runs are reproducible under ``seed_everything``, and a run resumed from a checkpoint, even one saved
+    inside an epoch, sees the same batches as an uninterrupted one. Under DDP each process gets its share of every
+    epoch's order.
 
     Generation takes about a second and is cached per ``data_seed`` for the life of the process. It does not
     change the state of Python's ``random`` or NumPy's global generator (``make_dataset`` reseeds both; they are
@@ -242,8 +225,7 @@ class MNIST1DDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         """Shuffled training batches ``(x, y)``; see the class docstring for how the order is seeded."""
         dataset = self._require(self.train_set)
-        sampler = _EpochSeededRandomSampler(dataset, seed=self._resolve_shuffle_seed())
-        return self._loader(dataset, sampler=sampler)
+        return self._loader(dataset, seed=self._resolve_shuffle_seed())
 
     def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         """Validation batches ``(x, y)`` in a fixed order: the test split unless ``val_size > 0``."""
@@ -265,15 +247,17 @@ class MNIST1DDataModule(L.LightningDataModule):
             return int(global_seed)
         return int(torch.empty((), dtype=torch.int64).random_(0, _MAX_SEED).item())
 
-    def _loader(self, dataset: TensorDataset, **kwargs: Any) -> DataLoader[tuple[Tensor, ...]]:
-        return DataLoader(
-            dataset,
+    def _loader(self, dataset: TensorDataset, seed: int | None = None) -> DataLoader[tuple[Tensor, ...]]:
+        """A loader in dataset order, or with a ``seed`` the resumable shuffled training loader."""
+        kwargs: dict[str, Any] = dict(
             batch_size=self.batch_size,
             collate_fn=_collate_pair,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            **kwargs,
         )
+        if seed is None:
+            return DataLoader(dataset, **kwargs)
+        return ResumableDataLoader(dataset, shuffle=True, seed=seed, **kwargs)
 
     @staticmethod
     def _require(dataset: TensorDataset | None) -> TensorDataset:

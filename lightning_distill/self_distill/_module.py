@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_distill._batches import call_with_inputs, example_inputs, extract_logits
 from lightning_distill._layers import find_layer
 from lightning_distill._positions import is_encoder_decoder
+from lightning_distill._rng import ResumeRng
 from lightning_distill._training import (
     FactoryModule,
     LRSchedulerFactory,
@@ -166,6 +167,7 @@ class SelfDistillModule(FactoryModule):
         # copies; None until learned (from the dry forward of `build_heads`, or a checkpoint)
         self._copied: frozenset[str] | None = None
         self._exit_layers: tuple[nn.Module, dict[str, nn.Module]] | None = None
+        self._rng = ResumeRng(type(self).__name__)  # the global RNG states, kept in checkpoints for resume
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters(
@@ -409,7 +411,8 @@ class SelfDistillModule(FactoryModule):
 
     @override
     def on_fit_start(self) -> None:
-        """Refuse to train if an exit head's parameter is in no optimizer."""
+        """Refuse to train if an exit head's parameter is in no optimizer; on resume, restore the RNG states."""
+        self._rng.fit_start(self.trainer)
         check_optimized(
             self,
             ((f"heads.{name}", p) for name, p in self.heads.named_parameters()),
@@ -418,18 +421,28 @@ class SelfDistillModule(FactoryModule):
         )
 
     @override
+    def on_train_start(self) -> None:
+        """Warn when a mid-epoch resume cannot continue the epoch's batches (a loader without a ``state_dict``)."""
+        self._rng.train_start(self.trainer)
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the heads' shapes, the deepest feature's key and the copied captures, to rebuild a bare module."""
+        """Store the heads' shapes, the deepest feature's key and the copied captures, to rebuild a bare module.
+
+        Also the global RNG states, which a fit resumed from the checkpoint restores at its start.
+        """
         checkpoint[_CHECKPOINT_KEY] = {
             "heads": [head.spec() for head in self.exit_heads],
             "hint_key": self.hint_key,
             "copied": None if self._copied is None else sorted(self._copied),
         }
+        self._rng.save(checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the heads from the stored shapes (``load_from_checkpoint`` of a module built without input)."""
         state = checkpoint.get(_CHECKPOINT_KEY)
+        self._rng.load(checkpoint)  # the RNG states, restored in on_fit_start if this fit resumes
         if state is None or len(self.heads) == len(self.exits):
             return
         self.heads = nn.ModuleList(
