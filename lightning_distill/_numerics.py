@@ -16,8 +16,8 @@ _HINTS = {
     "student": "the student diverged or has bad weights: lower the learning rate, clip gradients, or train in "
     "bf16-mixed rather than 16-mixed.",
     "teacher": "check the teacher's checkpoint and precision (under 16-mixed, try bf16-mixed or 32-true).",
-    "term": "a term overflowed (huge logits under divergence='mse') or is infinite (-inf logits where the other "
-    "model puts probability): scale or mask those logits, or use divergence='js', which stays finite.",
+    "term": "a term overflowed (huge logits under divergence='mse', or a float16 loss): scale those logits or "
+    "compute the loss in float32.",
 }
 
 

@@ -8,8 +8,24 @@ Conventions shared by every function here:
   ``target`` equals ``ignore_index`` are removed from **both** terms of :func:`distillation_loss`.
 - Logits are upcast to float32 (float64 stays float64) before any softmax, and every divergence is computed from
   log-probabilities (``log_softmax``, ``F.kl_div(..., log_target=True)``, a log-space mixture for ``"js"``), so
-  bf16/fp16 logits and zero probabilities give neither NaN nor a negative divergence. ``-inf`` logits (a masked
-  vocabulary entry) count as probability zero.
+  bf16/fp16 logits and zero probabilities give neither NaN nor a negative divergence.
+- Masked classes: a ``-inf`` logit (a padded vocabulary entry, a constrained-decoding mask) is probability zero,
+  with the convention of information theory :math:`0 \log 0 = 0`. Every divergence works on the log-probabilities
+  floored at :math:`L = -10^4`, :math:`\ell_c = \max(\log p_c, L)` (so a class more than :math:`10^4 T` below the
+  row's largest logit counts as masked too), and for a term
+  :math:`p_c (\log p_c - \log q_c)` of an expectation over :math:`p`:
+
+  - :math:`p_c = 0` (masked by :math:`p`'s model, masked or not by the other): exactly 0, with zero gradients;
+  - :math:`p_c > 0 = q_c` (masked by the other model only; the true divergence is infinite):
+    :math:`p_c (\log p_c - L)`, large (at most :math:`10^4` nats a position, times :math:`T^2`) but finite, with
+    finite gradients.
+
+  So with both models masking the same classes every divergence equals the one over the other classes; forward KL
+  and ``"soft_ce"`` ignore classes the teacher masks, ``"reverse_kl"`` those the student masks, ``"js"`` is always
+  finite, ``"dkd"`` applies the rule to its target/non-target split and the top-k loss to its tail bucket (a bucket
+  of zero-probability classes is one). ``"mse"`` compares the logits floored at :math:`L` and leaves classes masked
+  on both sides out of its mean. A row that is all ``-inf``, or any NaN, is a fault, not a mask: the loss is NaN
+  (and the training loss's finiteness check names it).
 - ``divergence="dkd"`` (decoupled KD, :func:`dkd_loss`) splits each distribution at the target class, so it needs
   ``target`` (and at least two classes); its two parts come back as ``tckd_loss`` and ``nckd_loss`` from
   :func:`distillation_loss_terms`.

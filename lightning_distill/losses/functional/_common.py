@@ -312,11 +312,35 @@ def counted_rows(
     return student, teacher, target_rows
 
 
+LOG_ZERO = -1.0e4
+r"""The log-probability :math:`L` that a zero probability (a ``-inf`` logit, a masked class) counts as.
+
+:math:`e^{L}` and :math:`e^{L + \log C}` (a bucket of :math:`C` such classes) are exactly 0 in float32 and float64, so
+a class of zero probability on the side the expectation is taken over contributes exactly 0; on the other side
+:math:`p_c (\log p_c - L)` is large (up to :math:`10^4` nats, times :math:`T^2`) but finite, and so are its sums over
+rows and its gradients. ``torch.finfo(dtype).min`` (what the losses used before) overflowed to ``inf`` as soon as
+two such terms, or one times :math:`T^2 > 1`, were added up.
+"""
+
+
 def log_probs(logits: Tensor, temperature: float) -> Tensor:
-    # -inf logits (masked vocabulary) would give 0 * (-inf) = NaN in the KL sum; the most negative finite value
-    # gives the same probability (zero) without the NaN. Finite log-probabilities are untouched.
+    r"""``log_softmax(logits / T)`` floored at :data:`LOG_ZERO`: :math:`\ell_c = \max(\log p_c, L)`.
+
+    A ``-inf`` logit (a masked class) gives :math:`\ell_c = L` instead of ``-inf``, so ``0 * (-inf)`` never makes a
+    NaN and its gradient is zero; every divergence is then computed exactly on these floored log-probabilities. A
+    finite log-probability below :math:`L` (a logit more than :math:`10^4 T` below the row's largest) is floored the
+    same way: it counts as zero probability. A row that is all ``-inf`` (or holds a NaN) stays NaN: that is a fault,
+    not a mask, and the training loss's finiteness check reports it.
+
+    Example::
+
+        >>> log_probs(torch.tensor([[0.0, 0.0, float("-inf")]]), 1.0)
+        tensor([[-6.9315e-01, -6.9315e-01, -1.0000e+04]])
+        >>> log_probs(torch.tensor([[float("-inf"), float("-inf")]]), 1.0)
+        tensor([[nan, nan]])
+    """
     scaled = logits if temperature == 1.0 else logits / temperature
-    return F.log_softmax(scaled, dim=-1).clamp(min=torch.finfo(logits.dtype).min)
+    return F.log_softmax(scaled, dim=-1).clamp(min=LOG_ZERO)
 
 
 def log_mixture(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
@@ -328,8 +352,34 @@ def log_mixture(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
 
 
 def kl_sum(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p || q)`` summed over rows and classes of ``(N, C)`` log-probabilities."""
+    r"""``KL(p || q)`` summed over rows and classes of ``(N, C)`` log-probabilities floored by :func:`log_probs`.
+
+    :math:`\sum_c e^{\ell_{p,c}} (\ell_{p,c} - \ell_{q,c})`: a class with :math:`p_c = 0` contributes exactly 0
+    (:math:`e^L = 0`), one with :math:`p_c > 0 = q_c` contributes :math:`p_c (\log p_c - L)`, finite.
+    """
     return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+
+
+def mse_row_sum(student: Tensor, teacher: Tensor) -> Tensor:
+    r"""Sum over the ``(N, C)`` rows of each row's mean squared logit difference, masked classes compared on the floor.
+
+    Logits are compared as :math:`\max(z, L)` (:data:`LOG_ZERO`), and a class whose two logits are both ``-inf`` is
+    left out of its row's mean:
+
+    .. math::
+
+        \sum_i \frac{1}{|K_i|} \sum_{c \in K_i} \big(\max(z_{s,c}^{(i)}, L) - \max(z_{t,c}^{(i)}, L)\big)^2,
+        \qquad K_i = \{c : z_{s,c}^{(i)} > -\infty \text{ or } z_{t,c}^{(i)} > -\infty\}
+
+    So masking the same classes on both sides gives the loss over the other classes, and a class masked on one side
+    only costs :math:`(z - L)^2`, large but finite, pulling the other logit down with a finite gradient (leaving it
+    out would stop teaching the student anything about a class only the teacher rules out). A row that is all
+    ``-inf`` on either side (or holds a NaN) gives NaN: a fault, not a mask.
+    """
+    compared = student.shape[-1] - torch.maximum(student, teacher).isneginf().sum(-1)  # not -inf on both sides
+    faulty = student.amax(-1).isneginf() | teacher.amax(-1).isneginf()  # a row all -inf
+    squares = F.mse_loss(student.clamp(min=LOG_ZERO), teacher.clamp(min=LOG_ZERO), reduction="none").sum(-1)
+    return torch.where(faulty, math.nan, squares / compared).sum()
 
 
 def cross_entropy_mean(student: Tensor, target: Tensor) -> Tensor:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_distill.losses.functional._common import (
+    LOG_ZERO,
     check_ignore_index,
     check_mask,
     check_pair,
@@ -51,10 +51,13 @@ def _dkd_means(
 ) -> tuple[Tensor, Tensor]:
     r"""TCKD and NCKD averaged over the ``(N, C)`` rows (already selected and upcast), each with the T² factor.
 
-    Everything stays in log space: :math:`\log(1 - p_y)` is the logsumexp of the non-target log-probabilities and
-    :math:`\log \hat p` their ``log_softmax``, so neither term can meet ``0 * (-inf - -inf)``. With ``C = 2`` the
-    non-target part has one class and NCKD is exactly 0. No rows give zeros still attached to the graph; both terms
-    are clamped at 0 against rounding.
+    Everything stays in log space, on the log-probabilities floored at :data:`LOG_ZERO` (a ``-inf`` logit counts as
+    :math:`L`): :math:`\log(1 - p_y)` is the logsumexp of the non-target log-probabilities and :math:`\log \hat p`
+    their difference from it, so neither term can meet ``0 * (-inf - -inf)``. A row with no non-target mass (every
+    non-target class at the floor) has no :math:`\hat p` (it would be 0/0): its :math:`\log \hat p` is :math:`L`
+    throughout, so its NCKD vanishes on the teacher's side and is :math:`\sum_c \hat p_{t,c} (\log \hat p_{t,c} - L)`
+    on the student's. With ``C = 2`` the non-target part has one class and NCKD is exactly 0. No rows give zeros
+    still attached to the graph; both terms are clamped at 0 against rounding.
     """
     target = target_rows.long().unsqueeze(1)
     log_s = log_probs(student_rows, temperature)
@@ -62,8 +65,10 @@ def _dkd_means(
 
     def split(log_p: Tensor) -> tuple[Tensor, Tensor]:
         others = _drop_target(log_p, target)
-        binary = torch.cat([log_p.gather(1, target), torch.logsumexp(others, dim=1, keepdim=True)], dim=1)
-        return binary, F.log_softmax(others, dim=1)
+        rest = torch.logsumexp(others, dim=1, keepdim=True)  # log(1 - p_y)
+        binary = torch.cat([log_p.gather(1, target), rest], dim=1)
+        no_mass = others.amax(dim=1, keepdim=True) <= LOG_ZERO
+        return binary, torch.where(no_mass, LOG_ZERO, others - rest)
 
     binary_s, others_s = split(log_s)
     binary_t, others_t = split(log_t)
@@ -109,6 +114,14 @@ def dkd_loss(
     the softmax over the non-target classes only (the target column is dropped, not filled with ``-inf``), and
     :math:`\log(1 - p_y)` is a logsumexp of the non-target log-probabilities, so large logits give no NaN. With
     ``C = 2`` the NCKD term is exactly 0.
+
+    Masked classes (``-inf`` logits) follow :math:`0 \log 0 = 0` as in
+    :func:`~lightning_distill.losses.functional.kd_loss`: the log-probabilities are floored at :math:`L = -10^4`
+    before the split, so a class (or the non-target bucket, or :math:`\hat p_c`) the teacher gives no mass
+    contributes exactly 0, and one only the student masks contributes :math:`b_{t}(\log b_{t} - \log b_{s})` or
+    :math:`\hat p_{t,c} (\log \hat p_{t,c} - \log \hat p_{s,c})` with the student's log-probability at the
+    floor: large but finite. A teacher with no non-target mass (:math:`p_{t,y} = 1`) has no :math:`\hat p_t`
+    (0/0): its NCKD is 0. A student with none counts :math:`\log \hat p_{s,c} = L` for every class.
 
     The paper also warms the DKD term up linearly over the first epochs (mdistiller multiplies it by
     ``min(epoch / warmup, 1)``); that is a schedule on the weights, left to the caller.

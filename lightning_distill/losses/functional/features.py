@@ -233,7 +233,9 @@ def kl_feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
         \mathcal{L}_{KL} = \frac{1}{P} \sum_{i=1}^{P} \sum_{d} p_d (\log p_d - \log q_d)
 
     computed from ``log_softmax`` (``F.kl_div(..., log_target=True)``) and clamped at 0, so bf16 inputs and zero
-    probabilities give neither NaN nor a negative value. No temperature: scale the inputs first to use one.
+    probabilities give neither NaN nor a negative value. A ``-inf`` input is probability zero with the convention of
+    :func:`~lightning_distill.losses.functional.kd_loss` (:math:`0 \log 0 = 0`; :math:`\log q_d` floored at
+    :math:`-10^4` where only the teacher has mass). No temperature: scale the inputs first to use one.
 
     Args:
         student: Student features ``(*, D)``; any floating dtype.

@@ -1,11 +1,15 @@
-"""Logit-level distillation losses: :func:`kd_loss`, :func:`cross_entropy` and their composition."""
+r"""Logit-level distillation losses: :func:`kd_loss`, :func:`cross_entropy` and their composition.
+
+Masked classes (``-inf`` logits) follow :math:`0 \log 0 = 0` and the floor :math:`L = -10^4` of the package's
+conventions (:mod:`lightning_distill.losses.functional`): a class without mass under the distribution an expectation
+is taken over contributes 0, one the other model masks contributes a large but finite term.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_distill.losses.functional._common import (
@@ -30,6 +34,7 @@ from lightning_distill.losses.functional._common import (
     kl_sum,
     log_mixture,
     log_probs,
+    mse_row_sum,
     select_counted,
 )
 from lightning_distill.losses.functional.dkd import _check_dkd_inputs, _dkd_means
@@ -43,11 +48,11 @@ def _divergence_mean(
     """Mean over the ``(N, C)`` rows (already selected and upcast) of the distillation loss, with the T² factor.
 
     No rows give a zero that is still attached to the graph. KL and JS are clamped at 0 so rounding never yields a
-    (tiny) negative divergence.
+    (tiny) negative divergence. Masked (``-inf``) classes: see :func:`log_probs` and :func:`mse_row_sum`.
     """
     scale = temperature**2 / max(student.shape[0], 1)  # T² and the mean over rows, in one multiplication
     if divergence == "mse":
-        return F.mse_loss(student, teacher, reduction="sum") / max(student.numel(), 1)
+        return mse_row_sum(student, teacher) / max(student.shape[0], 1)
     log_s = log_probs(student, temperature)
     log_t = log_probs(teacher, temperature)
     if divergence == "soft_ce":
@@ -216,12 +221,25 @@ def kd_loss(
       symmetric Jensen-Shannon divergence). Small β leans to the teacher's support (forward-KL-like), large β to
       the student's.
     - ``"mse"``: the squared difference of the **raw** logits, averaged over counted positions *and* classes:
-      :math:`\frac{1}{|\mathcal{P}| C} \sum_{i, c} (z_{s,c}^{(i)} - z_{t,c}^{(i)})^2`. No temperature and no
-      :math:`T^2` (``temperature`` is ignored).
+      :math:`\frac{1}{|\mathcal{P}| C} \sum_{i, c} (z_{s,c}^{(i)} - z_{t,c}^{(i)})^2` (classes masked on both
+      sides left out, see below). No temperature and no :math:`T^2` (``temperature`` is ignored).
     - ``"dkd"``: decoupled KD (Zhao et al., 2022),
       :math:`w_{TC} \, \mathrm{KL}(b_t \| b_s) + w_{NC} \, \mathrm{KL}(\hat p_t \| \hat p_s)` with
       :math:`b = [p_y, 1 - p_y]` and :math:`\hat p` the softmax over the non-target classes; needs ``target``
       and ``C >= 2``. See :func:`~lightning_distill.losses.functional.dkd.dkd_loss`.
+
+    **Masked classes** (``-inf`` logits): :math:`0 \log 0 = 0`. Every :math:`D` but ``"mse"`` is computed on
+    :math:`\ell_c = \max(\log p_c, L)`, :math:`L = -10^4`, so a term :math:`p_c (\log p_c - \log q_c)` of an
+    expectation over :math:`p` is
+
+    .. math::
+
+        0 \ \text{if } p_c = 0, \qquad p_c (\log p_c - L) \ \text{if } p_c > 0 = q_c \ \text{(infinite, kept finite)}
+
+    with finite gradients. Classes masked by both models drop out; forward KL and ``"soft_ce"`` ignore classes the
+    teacher masks, ``"reverse_kl"`` those the student masks; ``"js"`` has no infinite case. ``"mse"`` compares
+    :math:`\max(z, L)` and leaves classes masked on both sides out of a position's mean over classes. A position
+    whose logits are all ``-inf``, or a NaN, gives a NaN loss (a fault, not a mask).
 
     Args:
         student_logits: Student logits ``(*, C)``, e.g. ``(B, C)`` or ``(B, L, V)``; any floating dtype.

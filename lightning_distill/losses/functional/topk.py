@@ -18,6 +18,13 @@ By the log-sum inequality it never exceeds the full KL, and the gap is the tail'
 with :math:`\hat p, \hat s` the two distributions renormalized over the classes outside :math:`K`. With
 :math:`m = 0` (e.g. k = C) the two are equal. :func:`topk_kd_loss` multiplies by :math:`T^2` like
 :func:`~lightning_distill.losses.functional.kd_loss`.
+
+Masked classes (``-inf`` logits) follow :math:`0 \log 0 = 0` as in
+:func:`~lightning_distill.losses.functional.kd_loss`: the student's log-probabilities and the teacher's stored ones
+are floored at :math:`L = -10^4`, so a top-k class or a tail the teacher gives no mass (:math:`p_i = 0`,
+:math:`m = 0`) contributes exactly 0, and one the student masks while the teacher gives it mass contributes
+:math:`p_i (\log p_i - L)` (for the tail, :math:`m (\log m - \log \sum_{j \notin K} e^{\ell_{s,j}})`, the
+student's tail at the floor): large but finite.
 """
 
 from __future__ import annotations
@@ -27,7 +34,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_distill.losses.functional._common import check_mask, check_temperature, counted_positions
+from lightning_distill.losses.functional._common import (
+    LOG_ZERO,
+    check_mask,
+    check_temperature,
+    counted_positions,
+    log_probs,
+)
 from lightning_distill.losses.functional.logits import cross_entropy, weigh_terms
 
 __all__ = ["topk_distillation_terms", "topk_kd_loss", "topk_log_probs"]
@@ -38,6 +51,8 @@ if TYPE_CHECKING:
 
 def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """Encode logits ``(*, C)`` as ``(log-probabilities (*, k), class indices (*, k), tail mass (*))`` at ``T``.
+
+    A masked (``-inf``) class has log-probability ``-inf`` here and no share of the tail; the loss floors it.
 
     Example::
 
@@ -50,8 +65,11 @@ def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, 
         raise ValueError(f"`k` must be an int in [1, {logits.shape[-1]}] (the number of classes), got {k!r}.")
     log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
     values, indices = log_p.topk(k, dim=-1)
-    tail = (1.0 - values.exp().sum(-1)).clamp(min=0.0) if k < logits.shape[-1] else values.new_zeros(values.shape[:-1])
-    return values, indices, tail
+    if k == logits.shape[-1]:
+        return values, indices, values.new_zeros(values.shape[:-1])
+    # the mass outside the top-k summed directly, not as 1 - sum(top-k): exactly 0 when those classes are masked
+    # (-inf), where a rounding leftover would meet a student's floored tail as a spurious 1e-7 * 1e4
+    return values, indices, torch.logsumexp(log_p.scatter(-1, indices, float("-inf")), dim=-1).exp()
 
 
 def topk_kd_loss(
@@ -96,18 +114,20 @@ def topk_kd_loss(
         )
     check_mask(mask, lead)
     keep = counted_positions(target, mask, ignore_index, student_logits.device)
-    log_s = torch.log_softmax(student_logits.float().reshape(-1, student_logits.shape[-1]) / temperature, dim=-1)
-    values, indices, tail = values.float().reshape(log_s.shape[0], -1), indices.long().reshape(log_s.shape[0], -1), tail
+    classes = student_logits.shape[-1]
+    log_s = log_probs(student_logits.float().reshape(-1, classes), temperature)
+    rows = log_s.shape[0]
+    values, indices = values.float().reshape(rows, -1).clamp(min=LOG_ZERO), indices.long().reshape(rows, -1)
     tail = tail.float().reshape(-1)
     if keep is not None:
         log_s, values, indices, tail = log_s[keep], values[keep], indices[keep], tail[keep]
     if log_s.shape[0] == 0:
         return log_s.sum() * 0.0
     head = (values.exp() * (values - log_s.gather(-1, indices))).sum(-1)
+    if indices.shape[-1] == classes:  # no class outside the top-k: the tail is empty, whatever rounding left in it
+        return temperature**2 * head.mean()
     log_s_tail = torch.logsumexp(log_s.scatter(-1, indices, float("-inf")), dim=-1)
-    # no class outside the top-k (k = C): the tail is empty, whatever rounding left in `tail`
-    bucket = torch.where(log_s_tail.isfinite(), torch.xlogy(tail, tail) - tail * log_s_tail, torch.zeros_like(tail))
-    return temperature**2 * (head + bucket).mean()
+    return temperature**2 * (head + torch.xlogy(tail, tail) - tail * log_s_tail).mean()
 
 
 def topk_distillation_terms(
