@@ -11,6 +11,7 @@ inside an epoch continue with the batches it had not reached.
 """
 
 from lightning_distill import schedules
+from lightning_distill._on_policy import OnPolicy
 from lightning_distill.callback import DistillationCallback
 from lightning_distill.data import ResumableDataLoader, ResumableSampler
 from lightning_distill.distiller import Distiller
@@ -29,6 +30,7 @@ __all__ = [
     "Distiller",
     "FeatureMap",
     "IndexedDataset",
+    "OnPolicy",
     "ResumableDataLoader",
     "ResumableSampler",
     "SelfDistillModule",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from lightning_distill._batches import call_with_inputs, example_inputs, extract
 from lightning_distill._contract import TeacherConnection, TeacherNeeds, TeacherRequest
 from lightning_distill._evaluation import evaluate_student
 from lightning_distill._numerics import check_finite_loss
+from lightning_distill._on_policy import OnPolicy, Rewritten, check_on_policy, sample_batch
 from lightning_distill._positions import TokenMasks, logits_mask, route_inputs, token_masks
 from lightning_distill._training import FactoryModule, LRSchedulerFactory, OptimizerFactory, check_optimized
 from lightning_distill.features._map import FeatureMap
@@ -86,6 +88,9 @@ class DistillModule(FactoryModule):
         check_finite: Check every training step's loss for NaN/inf before anything is trained on it (one device
             synchronisation per step; the teacher's logits need no check of their own then) and raise naming the
             step and the culprit: the batch's inputs, the student's logits, the teacher's outputs, or a term.
+        on_policy: Distill a causal LM on continuations it samples itself (GKD; needs ``shift_labels=True``): each
+            training batch of prompts gets the student's completions before the teacher scores them, and the KD term
+            counts completion tokens only, with weight 1 (see :class:`~lightning_distill.OnPolicy`).
 
     Raises:
         ValueError: For ``alpha`` outside ``[0, 1]``, a non-positive ``temperature``, a negative weight, an unknown
@@ -122,6 +127,7 @@ class DistillModule(FactoryModule):
         sync_dist: bool = False,
         example_input_array: Any = None,
         check_finite: bool = True,
+        on_policy: OnPolicy | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, sync_dist)
         if not isinstance(check_finite, bool):
@@ -156,9 +162,17 @@ class DistillModule(FactoryModule):
         self._teacher: TeacherConnection | None = None
         self._teacher_outputs: TeacherOutputs | None = None
         self._split: tuple[Any, Any, Tensor | None] | None = None  # (batch, inputs, target) of the current step
+        self.on_policy = check_on_policy(on_policy, objective)
+        self._sampled: Rewritten | None = None  # the on-policy batch of this step
+        self._sampling_seed: int | None = None
         if type(self) is DistillModule:
+            plain: dict[str, Any] = (
+                {"feature_maps": [m.to_config() for m in objective.feature_maps]} if feature_maps else {}
+            )
+            if self.on_policy is not None:
+                plain["on_policy"] = dataclasses.asdict(self.on_policy)  # a checkpoint holds no custom classes
             self._save_plain_hyperparameters(
-                {"feature_maps": [m.to_config() for m in objective.feature_maps]} if feature_maps is not None else {},
+                plain,
                 student=student,
                 optimizer=optimizer,
                 lr_scheduler=lr_scheduler,
@@ -239,6 +253,11 @@ class DistillModule(FactoryModule):
                     "`TeacherMixture({'a': teacher_a, 'b': teacher_b})`."
                 )
             self.objective.check_teacher(connection)
+            if self.on_policy is not None and connection.cached:
+                raise ValueError(
+                    "On-policy distillation samples new sequences every step, so a TeacherCache can never hold the "
+                    "teacher's outputs for them. HINT: remove `cache=` from DistillationCallback."
+                )
         self._teacher = connection
 
     def teacher_request(self, batch: Any) -> TeacherRequest:
@@ -328,9 +347,10 @@ class DistillModule(FactoryModule):
         See :meth:`DistillationObjective.forward <lightning_distill.DistillationObjective.forward>`, which takes the
         same arguments.
         """
-        return self.objective(
-            student_logits, teacher_outputs, target, mask, student_features, task_loss, masks, self.hparam_values()
-        )
+        values = self.hparam_values()
+        if self._sampled is not None and self.on_policy is not None and not self.on_policy.task_loss:
+            values["alpha"] = 1.0  # no cross-entropy on the student's own samples
+        return self.objective(student_logits, teacher_outputs, target, mask, student_features, task_loss, masks, values)
 
     # ------------------------------------------------------------------------------------------------ projectors
     def build_projectors(self, teacher_features: Mapping[str, Tensor] | None, example_inputs: Any = None) -> None:
@@ -461,11 +481,28 @@ class DistillModule(FactoryModule):
         for fmap in self.feature_maps:
             if fmap.key not in self.projectors:
                 self.projectors[fmap.key] = projector_from_state(state, f"projectors.{fmap.key}.")
+        self._sampling_seed = checkpoint.get("on_policy_seed", self._sampling_seed)
 
     # -------------------------------------------------------------------------------------------------------- steps
     @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``on_policy``, replace a training batch of prompts by the student's completions of them."""
+        self._sampled = None
+        if self.on_policy is None or self._trainer is None or not self.trainer.training:
+            return batch
+        self._sampling_seed, self._sampled = sample_batch(self, self.on_policy, batch, self._sampling_seed)
+        return batch if self._sampled is None else self._sampled.batch
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._sampling_seed is not None:
+            checkpoint["on_policy_seed"] = self._sampling_seed  # a resumed fit samples what this one would have
+
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms, batch_size = self._step_terms(batch, self._teacher_outputs, check=self.check_finite)
+        if self._sampled is not None:
+            terms, self._sampled = {**terms, **self._sampled.figures(terms)}, None
         self.log_train_terms(terms, batch_size=batch_size)
         if self.objective.scheduled:  # the same on every process: never synchronized
             values = self.hparam_values()

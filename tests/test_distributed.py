@@ -167,3 +167,41 @@ def test_ddp_spawn_mid_epoch_resume_with_the_resumable_loader_is_bit_identical(t
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
 
+
+class SampleChecks(L.Callback):
+    """In every process: on-policy completions differ across ranks (given the same prompts); students end equal."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        ids = pl_module.all_gather(batch["input_ids"])
+        assert ids.shape[-1] == 4 + 6  # prompt + completion
+        assert torch.equal(ids[0, :, :4], ids[1, :, :4]) and not torch.equal(ids[0], ids[1])
+
+    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        gathered = pl_module.all_gather(torch.cat([p.detach().flatten() for p in pl_module.parameters()]))
+        assert torch.equal(gathered[0], gathered[1])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_spawn_on_policy_each_rank_samples_its_own_continuations_and_students_stay_equal(tmp_path):
+    from lightning_distill import OnPolicy
+    from lightning_distill.demos import TinyCausalLM
+
+    torch.manual_seed(0)
+    same = {"input_ids": torch.arange(1, 9).repeat(16, 1), "attention_mask": torch.ones(16, 8, dtype=torch.long)}
+    data = [{k: v[i] for k, v in same.items()} for i in range(16)]  # one sequence: both ranks get the same prompts
+    module = DistillModule(
+        student=TinyCausalLM(vocab_size=16, dim=8, layers=1, heads=2, max_length=16),
+        shift_labels=True,
+        on_policy=OnPolicy(max_new_tokens=6, prompt_length=4, seed=0),
+    )
+    teacher = TinyCausalLM(vocab_size=16, dim=16, layers=1, heads=2, max_length=16)
+    trainer = make_trainer(
+        tmp_path,
+        strategy="ddp_spawn",
+        devices=2,
+        limit_train_batches=2,
+        callbacks=[DistillationCallback(teacher, check_accuracy=False), SampleChecks()],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert trainer.state.finished

@@ -147,6 +147,7 @@ def test_the_top_level_api() -> None:
         "Distiller",
         "FeatureMap",
         "IndexedDataset",
+        "OnPolicy",
         "ResumableDataLoader",
         "ResumableSampler",
         "SelfDistillModule",

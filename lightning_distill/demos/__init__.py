@@ -5,12 +5,14 @@ As ``lightning.pytorch.demos`` for Lightning, nothing in the library imports thi
 """
 
 from lightning_distill.demos.markov import MarkovDataset, MarkovLanguage
+from lightning_distill.demos.markov_eval import evaluate_generations, next_token_nll
 from lightning_distill.demos.mnist1d import MNIST1DDataModule
 from lightning_distill.demos.models import MLPStudent, MNIST1DDeepCNN, MNIST1DTeacher
-from lightning_distill.demos.sequence_models import CausalBlock, TinyCausalLM
+from lightning_distill.demos.sequence_models import CausalBlock, KVCache, TinyCausalLM
 
 __all__ = [
     "CausalBlock",
+    "KVCache",
     "MLPStudent",
     "MNIST1DDataModule",
     "MNIST1DDeepCNN",
@@ -18,4 +20,6 @@ __all__ = [
     "MarkovDataset",
     "MarkovLanguage",
     "TinyCausalLM",
+    "evaluate_generations",
+    "next_token_nll",
 ]
