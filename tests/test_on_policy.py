@@ -223,3 +223,31 @@ def test_bad_combinations_are_refused(tmp_path):
     module = DistillModule(student=_lm(8, 0), shift_labels=True, on_policy=OnPolicy(prompt_length=9))
     with pytest.raises(ValueError, match=r"`OnPolicy\(prompt_length=9\)` takes the first 9 tokens .* rows \[0, 1"):
         make_trainer(tmp_path, callbacks=[DistillationCallback(_lm(16, 2))]).fit(module, _loader())
+
+
+@pytest.mark.parametrize(
+    ("runner_args", "module_args"),
+    [({"precision": "bf16"}, {}), ({"device": "cpu"}, {"kd_chunk_size": 5}), ({}, {"divergence": "reverse_kl"})],
+    ids=["bf16-teacher", "teacher-device-chunked", "reverse-kl"],
+)
+def test_teacher_placement_and_chunking_apply_to_sampled_batches(tmp_path, runner_args, module_args):
+    from lightning_distill import TeacherRunner
+
+    teacher = _lm(16, seed=2)
+    module = DistillModule(
+        student=_lm(8, seed=1),
+        shift_labels=True,
+        on_policy=OnPolicy(max_new_tokens=NEW, prompt_length=PROMPT, seed=1),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+        **module_args,
+    )
+    recorder = Recorder()
+    callback = DistillationCallback(TeacherRunner(teacher, **runner_args), check_accuracy=False)
+    make_trainer(tmp_path, callbacks=[callback, recorder]).fit(module, _loader())
+    batch = recorder.batches[0]
+    assert batch["input_ids"].shape == (8, PROMPT + NEW)
+    if module_args.get("divergence") is None:  # forward KL against the teacher as it ran (bf16 weights, if so)
+        expected = _reference_kd(module.student, callback.teacher.float(), batch, 1.0)
+        rel = 2e-2 if "precision" in runner_args else 1e-5
+        assert recorder.losses[0] == pytest.approx(expected, rel=rel)
+    assert all(torch.isfinite(torch.tensor(recorder.losses)))
