@@ -1,11 +1,11 @@
 r"""On-policy distillation for causal language models (GKD): the student learns on continuations it samples itself.
 
 With :class:`OnPolicy` given to :class:`~lightning_distill.DistillModule`, each training batch of prompts is
-rewritten **before the teacher sees it** (in the module's ``on_after_batch_transfer``, which Lightning runs before
-the callbacks' ``on_train_batch_start``): with probability ``fraction`` (GKD's :math:`\lambda`) the current student
-samples a continuation of every prompt (eval mode, no gradient), and the batch becomes prompt + completion with
-``labels`` set on the completion tokens only; the teacher then scores every token of it and the loss is the
-token-level divergence on the completion,
+replaced **before the teacher sees it** (when the callback asks the module for the teacher's request in
+``on_train_batch_start``, the module splits the batch once a step, and the split of an on-policy batch is that of the
+new batch): with probability ``fraction`` (GKD's :math:`\lambda`) the current student samples a continuation of every
+prompt (eval mode, no gradient), and the batch becomes prompt + completion with ``labels`` set on the completion
+tokens only; the teacher then scores every token of it and the loss is the token-level divergence on the completion,
 
 .. math::
     \mathcal{L} = T^2 \, \frac{1}{|C|} \sum_{(b, t) \in C} D\big(p_t(\cdot \mid y_{b, \le t}),\,
@@ -172,7 +172,7 @@ def sample_batch(module: DistillModule, config: OnPolicy, batch: Any, seed: int 
     trainer = module.trainer
     if seed is None:  # the first batch of the fit (a resumed fit has the checkpoint's)
         seed = torch.initial_seed() % 2**63 if config.seed is None else config.seed
-    this = batch_seed(seed, trainer.fit_loop.epoch_loop.total_batch_idx + 1, trainer.global_rank)
+    this = batch_seed(seed, trainer.fit_loop.epoch_loop.total_batch_idx, trainer.global_rank)
     if not takes_this_batch(config, this):
         return seed, None
     model: nn.Module

@@ -164,6 +164,7 @@ class DistillModule(FactoryModule):
         self._split: tuple[Any, Any, Tensor | None] | None = None  # (batch, inputs, target) of the current step
         self.on_policy = check_on_policy(on_policy, objective)
         self._sampled: Rewritten | None = None  # the on-policy batch of this step
+        self.last_sampled_batch: dict[str, Tensor] | None = None  # the last batch the student sampled, to inspect
         self._sampling_seed: int | None = None
         if type(self) is DistillModule:
             plain: dict[str, Any] = (
@@ -314,9 +315,18 @@ class DistillModule(FactoryModule):
         return route_inputs(inputs, target, self.objective.root), target
 
     def _split_once(self, batch: Any) -> tuple[Any, Tensor | None]:
-        """:meth:`split_batch`, remembered for the current batch (the teacher's request and the step share it)."""
+        """:meth:`split_batch`, remembered for the current batch (the teacher's request and the step share it).
+
+        With ``on_policy`` a training batch is first replaced by the student's completions of its prompts (the
+        callback asks for the teacher's request first, so the teacher scores what the loss counts).
+        """
         if self._split is None or self._split[0] is not batch:
-            self._split = (batch, *self.split_batch(batch))
+            self._sampled, source = None, batch
+            if self.on_policy is not None and self._trainer is not None and self.trainer.training:
+                self._sampling_seed, self._sampled = sample_batch(self, self.on_policy, batch, self._sampling_seed)
+                if self._sampled is not None:
+                    source = self.last_sampled_batch = self._sampled.batch
+            self._split = (batch, *self.split_batch(source))
         return self._split[1], self._split[2]
 
     def token_masks(self, inputs: Any, target: Tensor | None) -> TokenMasks:
@@ -484,15 +494,6 @@ class DistillModule(FactoryModule):
         self._sampling_seed = checkpoint.get("on_policy_seed", self._sampling_seed)
 
     # -------------------------------------------------------------------------------------------------------- steps
-    @override
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With ``on_policy``, replace a training batch of prompts by the student's completions of them."""
-        self._sampled = None
-        if self.on_policy is None or self._trainer is None or not self.trainer.training:
-            return batch
-        self._sampling_seed, self._sampled = sample_batch(self, self.on_policy, batch, self._sampling_seed)
-        return batch if self._sampled is None else self._sampled.batch
-
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._sampling_seed is not None:

@@ -172,7 +172,7 @@ class SampleChecks(L.Callback):
     """In every process: on-policy completions differ across ranks (given the same prompts); students end equal."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
-        ids = pl_module.all_gather(batch["input_ids"])
+        ids = pl_module.all_gather(pl_module.last_sampled_batch["input_ids"])
         assert ids.shape[-1] == 4 + 6  # prompt + completion
         assert torch.equal(ids[0, :, :4], ids[1, :, :4]) and not torch.equal(ids[0], ids[1])
 

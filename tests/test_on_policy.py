@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from typing import Any
 
 import lightning as L
@@ -33,14 +34,15 @@ def _lm(dim: int, seed: int) -> TinyCausalLM:
 
 
 class Recorder(L.Callback):
-    """Keeps every training batch the teacher and the step saw, and each step's loss."""
+    """Keeps every training batch the teacher and the loss saw, and each step's loss."""
 
     def __init__(self) -> None:
         self.batches: list[dict[str, Tensor]] = []
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
-        self.batches.append({k: v.clone() for k, v in batch.items()})
+        seen = pl_module.last_sampled_batch if pl_module.on_policy.fraction > 0 else batch  # 1 or 0 here
+        self.batches.append({k: v.clone() for k, v in seen.items()})
         self.losses.append(float(outputs["loss"]))
 
 
@@ -251,3 +253,27 @@ def test_teacher_placement_and_chunking_apply_to_sampled_batches(tmp_path, runne
         rel = 2e-2 if "precision" in runner_args else 1e-5
         assert recorder.losses[0] == pytest.approx(expected, rel=rel)
     assert all(torch.isfinite(torch.tensor(recorder.losses)))
+
+
+def test_a_datamodule_with_its_own_batch_hook_keeps_it_and_the_batches_are_still_sampled(tmp_path):
+    class Prompts(L.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def train_dataloader(self) -> DataLoader:
+            return _loader()
+
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            self.calls += 1  # Lightning runs the datamodule's hook, never the module's, when both exist
+            return batch
+
+    module = DistillModule(
+        student=_lm(8, seed=1), shift_labels=True, on_policy=OnPolicy(max_new_tokens=NEW, prompt_length=PROMPT)
+    )
+    data, recorder = Prompts(), Recorder()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="You have overridden `on_after_batch_transfer`")
+        callbacks = [DistillationCallback(_lm(16, 2), check_accuracy=False), recorder]
+        make_trainer(tmp_path, callbacks=callbacks).fit(module, datamodule=data)
+    assert data.calls == 2 and recorder.batches[0]["input_ids"].shape == (8, PROMPT + NEW)
