@@ -65,8 +65,9 @@ class DistillationCallback(L.Callback):
             training batch unless the module checks its own loss (``DistillModule(check_finite=True)``, then only the
             first), one device synchronisation a batch. With a ``cache`` the cache checks every row it stores,
             whatever this is, and reads back only rows it checked.
-        check_accuracy: Warn when the teacher's top-1 accuracy on the first training batch is not clearly above
-            chance (an untrained or unloaded teacher). ``False`` for a teacher that is weak on purpose or a smoke run.
+        check_accuracy: Warn when the teacher's top-1 accuracy on the first training batch with labels is not clearly
+            above chance (an untrained or unloaded teacher; on-policy batches have none: their tokens are the
+            student's samples). ``False`` for a teacher that is weak on purpose or a smoke run.
         allow_untested: Run under a strategy other than single device, the DDP family, FSDP, ``ModelParallelStrategy``
             and DeepSpeed, whose teacher handling is untested (the teacher is then replicated per process).
         teachers: Deprecated: pass ``TeacherMixture(teachers, weights)`` as ``teacher``.
@@ -152,6 +153,7 @@ class DistillationCallback(L.Callback):
         self._forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self._first_batch_checked = False
         self._first_batch: tuple[Tensor, Tensor] | None = None  # the first batch's teacher logits and target
+        self._accuracy_pending = check_accuracy
         self._rng = ResumeRng("DistillationCallback")  # the global RNG states, kept in checkpoints for resume
 
     @property
@@ -232,6 +234,7 @@ class DistillationCallback(L.Callback):
         self._runner.set_features(self._needs.features)
         self._forward_context = trainer.precision_plugin.forward_context
         self._first_batch_checked = False
+        self._accuracy_pending = self.check_accuracy
         self._first_batch = None
         client.connect_teacher(
             TeacherConnection(
@@ -277,10 +280,10 @@ class DistillationCallback(L.Callback):
         every_step = self.check_finite and not self._needs.checks_loss  # else the module's loss check names it
         if self.cache is None and (every_step or not self._first_batch_checked):
             _check_finite(outputs.logits, trainer, batch_idx)  # a cache stores (so returns) only finite rows
-        if not self._first_batch_checked:
-            self._first_batch_checked = True
-            if request.target is not None and self.check_accuracy:  # scored after the step: its shape checks first
-                self._first_batch = (outputs.logits, request.target)
+        self._first_batch_checked = True
+        if self._accuracy_pending and request.target is not None:  # the first batch with labels (none on-policy)
+            self._accuracy_pending = False
+            self._first_batch = (outputs.logits, request.target)  # scored after the step: its shape checks first
         client.set_teacher_outputs(outputs)
 
     def _cached_outputs(self, trainer: L.Trainer, batch: Any, request: TeacherRequest) -> TeacherOutputs:

@@ -268,6 +268,7 @@ class DistillModule(FactoryModule):
 
     def _request(self, inputs: Any, target: Tensor | None) -> TeacherRequest:
         features = bool(self.feature_maps) and self.training
+        target = None if self._sampled is not None else target  # sampled tokens are no labels to score a teacher by
         return TeacherRequest(inputs, target, self.hparam_values()["temperature"], features)
 
     def set_teacher_outputs(self, outputs: TeacherOutputs | None) -> None:

@@ -277,3 +277,20 @@ def test_a_datamodule_with_its_own_batch_hook_keeps_it_and_the_batches_are_still
         callbacks = [DistillationCallback(_lm(16, 2), check_accuracy=False), recorder]
         make_trainer(tmp_path, callbacks=callbacks).fit(module, datamodule=data)
     assert data.calls == 2 and recorder.batches[0]["input_ids"].shape == (8, PROMPT + NEW)
+
+
+def test_the_teacher_is_never_scored_against_the_students_samples(tmp_path):
+    # the first batch's sampled tokens made a trained teacher look untrained ("accuracy 1.3 %, chance 1.6 %")
+    def fit(fraction: float) -> list[str]:
+        module = DistillModule(
+            student=_lm(8, 1),
+            shift_labels=True,
+            on_policy=OnPolicy(fraction=fraction, prompt_length=PROMPT, max_new_tokens=NEW),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, callbacks=[DistillationCallback(_lm(16, 2))]).fit(module, _loader())
+        return [str(w.message) for w in caught if "looks untrained" in str(w.message)]
+
+    assert fit(1.0) == []  # no labels on any batch: nothing to score
+    assert len(fit(0.0)) == 1  # the dataset's own batches are: an untrained teacher is still named
