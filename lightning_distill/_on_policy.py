@@ -172,9 +172,16 @@ def sample_batch(module: DistillModule, config: OnPolicy, batch: Any, seed: int 
     trainer = module.trainer
     if seed is None:  # the first batch of the fit (a resumed fit has the checkpoint's)
         seed = torch.initial_seed() % 2**63 if config.seed is None else config.seed
-    this = batch_seed(seed, trainer.fit_loop.epoch_loop.total_batch_idx, trainer.global_rank)
-    if not takes_this_batch(config, this):
+    batch_number = trainer.fit_loop.epoch_loop.total_batch_idx
+    if not takes_this_batch(config, batch_seed(seed, batch_number, 0)):  # every process decides alike
+        if module.hparam_values()["alpha"] < 1.0 and module.split_batch(batch)[1] is None:
+            raise ValueError(
+                f"`OnPolicy(fraction={config.fraction})` trains the other batches as the dataset's own sequences, "
+                f"weighted alpha={module.hparam_values()['alpha']} KD + (1 - alpha) cross-entropy, but this batch "
+                "has no labels. HINT: give `labels` in the batches, or pass `alpha=1.0` (KD only)."
+            )
         return seed, None
+    this = batch_seed(seed, batch_number, trainer.global_rank)  # each process samples its own continuations
     model: nn.Module
     if config.seq_kd:
         if module._teacher is None:
@@ -217,7 +224,7 @@ def prompts_of(batch: Any, prompt_length: int | None) -> tuple[Tensor, Tensor]:
         )
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
-    mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
+    mask = torch.ones_like(input_ids) if mask is None else (mask != 0).to(input_ids.dtype)
     lengths = mask.sum(-1)
     if prompt_length is None:
         return input_ids, mask
@@ -228,7 +235,7 @@ def prompts_of(batch: Any, prompt_length: int | None) -> tuple[Tensor, Tensor]:
             f"rows {short.tolist()[:8]} have only {lengths[short].tolist()[:8]} real tokens. HINT: lower "
             "`prompt_length`, or give a loader of prompts with `prompt_length=None`."
         )
-    return input_ids[:, :prompt_length], mask[:, :prompt_length]
+    return input_ids, mask * (mask.cumsum(-1) <= prompt_length)  # the first real tokens, whichever side pads
 
 
 class _ConnectedTeacher(nn.Module):

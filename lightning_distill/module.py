@@ -456,6 +456,8 @@ class DistillModule(FactoryModule):
         Under ``ModelParallelStrategy`` also check that ``configure_model`` sharded the projectors: nothing else
         synchronizes their gradients across processes.
         """
+        if self._trainer is not None and self.trainer.ckpt_path is None:
+            self._sampling_seed = None  # a new fit takes its own seed (a resumed one keeps the checkpoint's)
         if len(self.projectors) and self._trainer is not None:
             unsharded = unsharded_projectors(self)
             if unsharded and strategy_kind(self.trainer.strategy) == "model_parallel":

@@ -113,6 +113,35 @@ def test_quantization_quick_runs_and_prints_both_tables(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_on_policy_quick_runs_and_prints_every_table(tmp_path: Path) -> None:
+    out = run_quick("on_policy.py", "--plot", str(tmp_path / "x.png"))
+    assert out.startswith(
+        "## On-policy distillation (GKD) on a Markov language: `python benchmarks/on_policy.py --quick"
+    )
+    for title in (
+        "### Small data: 32 training sequences",
+        "### Long generation: 256 training sequences",
+        "### Step time",
+    ):
+        assert title in out
+    assert out.count("| model | impossible rate % | impossible mass % | NLL at tokens 5..") == 2
+    for row in ("| the chain itself (floor) | 0.00 | 0.00 |", "| teacher (dim 64", "| student alone (CE) |"):
+        assert out.count(row) == 2
+    for row in ("| off-policy KD (forward KL) |", "| on-policy KD (forward KL) |", "| on-policy KD (JSD, beta 0.5) |"):
+        assert out.count(row) == 2
+    assert "| off-policy KD, full-length data |" in out and out.count("(reference) | (reference) |") == 2
+    assert (
+        "| step | median ms per step | ratio on / off-policy (median over rounds) | per-round ratios | target |" in out
+    )
+    assert (
+        "| on-policy KD, 4-token prompts + 28 sampled |" in out
+        and "| on-policy KD, 4-token prompts + 60 sampled |" in out
+    )
+    assert out.count("**met**") + out.count("**NOT met**") == 4  # 2 accuracy targets, 2 step-time targets
+    assert_plotted(out, tmp_path / "x.png")
+
+
+@pytest.mark.slow
 def test_gpu_model_quick_runs_on_cpu_and_prints_the_table() -> None:
     pytest.importorskip("transformers")
     out = run_quick("gpu_model.py", "--device", "cpu")

@@ -169,38 +169,50 @@ def test_ddp_spawn_mid_epoch_resume_with_the_resumable_loader_is_bit_identical(t
 
 
 class SampleChecks(L.Callback):
-    """In every process: on-policy completions differ across ranks (given the same prompts); students end equal."""
+    """In every process: the ranks agree on which batches are on-policy, sample different continuations of the same
+    prompts on those, and end with equal students."""
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
-        ids = pl_module.all_gather(pl_module.last_sampled_batch["input_ids"])
-        assert ids.shape[-1] == 4 + 6  # prompt + completion
-        assert torch.equal(ids[0, :, :4], ids[1, :, :4]) and not torch.equal(ids[0], ids[1])
+    def __init__(self) -> None:
+        self.kinds: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        sampled = pl_module._sampled is not None  # after DistillationCallback asked for this step's request
+        kinds = pl_module.all_gather(torch.tensor(sampled))
+        assert kinds[0] == kinds[1]  # the same kind of batch on both ranks (else sync_dist's all-reduces hang)
+        self.kinds.append(sampled)
+        if sampled:
+            completions = pl_module.all_gather(pl_module.last_sampled_batch["input_ids"])
+            assert completions.shape[-1] == 4 + 6 and torch.equal(completions[0, :, :4], completions[1, :, :4])
+            assert not torch.equal(completions[0], completions[1])
 
     def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        assert any(self.kinds) and not all(self.kinds)  # fraction 0.5: both kinds of batches were trained
         gathered = pl_module.all_gather(torch.cat([p.detach().flatten() for p in pl_module.parameters()]))
         assert torch.equal(gathered[0], gathered[1])
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ddp_spawn_on_policy_each_rank_samples_its_own_continuations_and_students_stay_equal(tmp_path):
+def test_ddp_spawn_on_policy_ranks_agree_on_the_batch_kind_sample_their_own_and_stay_equal(tmp_path):
     from lightning_distill import OnPolicy
     from lightning_distill.demos import TinyCausalLM
 
     torch.manual_seed(0)
-    same = {"input_ids": torch.arange(1, 9).repeat(16, 1), "attention_mask": torch.ones(16, 8, dtype=torch.long)}
+    ids = torch.arange(1, 9).repeat(16, 1)
+    same = {"input_ids": ids, "attention_mask": torch.ones(16, 8, dtype=torch.long), "labels": ids}
     data = [{k: v[i] for k, v in same.items()} for i in range(16)]  # one sequence: both ranks get the same prompts
     module = DistillModule(
         student=TinyCausalLM(vocab_size=16, dim=8, layers=1, heads=2, max_length=16),
         shift_labels=True,
-        on_policy=OnPolicy(max_new_tokens=6, prompt_length=4, seed=0),
+        on_policy=OnPolicy(fraction=0.5, max_new_tokens=6, prompt_length=4, seed=0),
+        sync_dist=True,  # every process logs the same keys each step: they agree on the batch's kind
     )
     teacher = TinyCausalLM(vocab_size=16, dim=16, layers=1, heads=2, max_length=16)
     trainer = make_trainer(
         tmp_path,
         strategy="ddp_spawn",
         devices=2,
-        limit_train_batches=2,
+        max_epochs=2,  # 2 batches an epoch per process; seed 0 makes batches 0, 1 on-policy and 2, 3 not
         callbacks=[DistillationCallback(teacher, check_accuracy=False), SampleChecks()],
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))

@@ -294,3 +294,43 @@ def test_the_teacher_is_never_scored_against_the_students_samples(tmp_path):
 
     assert fit(1.0) == []  # no labels on any batch: nothing to score
     assert len(fit(0.0)) == 1  # the dataset's own batches are: an untrained teacher is still named
+
+
+def test_the_prompt_is_the_first_real_tokens_whichever_side_pads():
+    from lightning_distill._on_policy import prompts_of
+
+    ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    mask = (ids != 0).long()
+    _, prompt_mask = prompts_of({"input_ids": ids, "attention_mask": mask}, 2)
+    assert prompt_mask.tolist() == [[0, 0, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]
+    out = sample_completions(_lm(8, 0), ids, prompt_mask, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
+    assert out.input_ids[:, :2].tolist() == [[5, 6], [5, 6], [5, 6]] and out.prompt_lengths.tolist() == [2, 2, 2]
+
+
+def test_off_policy_batches_without_labels_are_refused_at_once_unless_alpha_is_1(tmp_path):
+    # it failed at a random later step, at the first batch the coin left off-policy
+    items = [{k: v for k, v in item.items() if k != "labels"} for item in _loader().dataset]
+    unlabelled = DataLoader(items, batch_size=8)
+    for alpha, refused in ((0.5, True), (1.0, False)):
+        module = DistillModule(
+            student=_lm(8, 1), alpha=alpha, shift_labels=True, on_policy=OnPolicy(fraction=0.0, prompt_length=PROMPT)
+        )
+        trainer = make_trainer(tmp_path, callbacks=[DistillationCallback(_lm(16, 2), check_accuracy=False)])
+        if refused:
+            with pytest.raises(ValueError, match=r"OnPolicy\(fraction=0.0\)` trains .* has no labels\. HINT"):
+                trainer.fit(module, unlabelled)
+        else:
+            trainer.fit(module, unlabelled)
+
+
+def test_a_new_fit_takes_its_own_seed_and_a_resumed_one_the_checkpoints(tmp_path):
+    module = DistillModule(
+        student=_lm(8, 1), shift_labels=True, on_policy=OnPolicy(max_new_tokens=NEW, prompt_length=PROMPT)
+    )
+    seeds = []
+    for seed in (11, 22):
+        callback = DistillationCallback(_lm(16, 2), check_accuracy=False)
+        L.seed_everything(seed)
+        make_trainer(tmp_path, callbacks=[callback]).fit(module, _loader())
+        seeds.append(module._sampling_seed)
+    assert seeds == [11, 22]  # the second fit reused the first one's samples
