@@ -39,7 +39,7 @@ def teacher_weights_fingerprint(teacher: nn.Module, logits_layer: str | None = N
     as input normalization), so any change of any weight gives another fingerprint. The cost is one pass over the
     weights (copied to the CPU one tensor at a time): about 0.02 s for a 10-million-parameter float32 teacher (40 MB)
     on a 2-core virtual machine (measured with a ``Linear(3162, 3162)``; SHA-256 runs at about 1.8 GB/s there), paid
-    at most once per fit (see :attr:`DistillationCallback.fingerprint <lightning_distill.DistillationCallback.fingerprint>`).
+    at most once per fit (see :attr:`lightning_distill.DistillationCallback.fingerprint`).
 
     Args:
         teacher: The teacher, as it runs (after its precision conversion: its dtype is part of the fingerprint).
