@@ -179,10 +179,12 @@ def benchmark_trainer(
     devices: int = 1,
     logger: Logger | bool = False,
     log_every_n_steps: int = 50,
+    max_steps: int = -1,
 ) -> L.Trainer:
     """A CPU Trainer with nothing but training: no checkpoints, progress bar, summary or validation (no logger)."""
     return L.Trainer(
         max_epochs=max_epochs,
+        max_steps=max_steps,
         accelerator="cpu",
         strategy=strategy,
         devices=devices,
