@@ -77,6 +77,7 @@ class TeacherConnection:
         cached: Whether training steps may get their outputs from a teacher cache (logits only).
         cache_top_k: With a top-k cache, its ``k``: outputs are then top-k probabilities at one temperature.
         owner: A description of who connected (named when a second one tries).
+        max_length: The longest sequence the teacher takes, when it says (``max_length``, ``n_positions``, ...).
     """
 
     run: TeacherSource
@@ -84,6 +85,7 @@ class TeacherConnection:
     cached: bool = False
     cache_top_k: int | None = None
     owner: str = "DistillationCallback"
+    max_length: int | None = None
 
 
 @runtime_checkable

@@ -192,7 +192,8 @@ def sample_batch(module: DistillModule, config: OnPolicy, batch: Any, seed: int 
         model = _ConnectedTeacher(module._teacher)
     else:
         model = module.student if module.student is not None else module
-    return seed, rewrite(config, batch, model, this, module.ignore_index)
+    limit = None if module._teacher is None else module._teacher.max_length
+    return seed, rewrite(config, batch, model, this, module.ignore_index, limit)
 
 
 def batch_seed(seed: int, batch_number: int, rank: int) -> int:
@@ -244,6 +245,7 @@ class _ConnectedTeacher(nn.Module):
     def __init__(self, connection: TeacherConnection) -> None:
         super().__init__()
         self.connection = connection
+        self.max_length = connection.max_length  # read by the sampler's length check
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -256,6 +258,7 @@ def rewrite(
     model: nn.Module,
     seed: int,
     ignore_index: int,
+    teacher_max_length: int | None = None,
 ) -> Rewritten:
     """Sample a continuation of each prompt of ``batch`` from ``model`` and return the training batch built of them.
 
@@ -263,6 +266,14 @@ def rewrite(
     scored against token t + 1, so the last prompt position predicts the first completion token).
     """
     input_ids, attention_mask = prompts_of(batch, config.prompt_length)
+    if teacher_max_length is not None:
+        longest = int(attention_mask.sum(-1).max()) + config.max_new_tokens
+        if longest > teacher_max_length:
+            raise ValueError(
+                f"On-policy sequences reach {longest} tokens (prompts + `max_new_tokens={config.max_new_tokens}`), "
+                f"but the teacher takes at most {teacher_max_length}. HINT: lower `max_new_tokens` or shorten the "
+                "prompts (`prompt_length`)."
+            )
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     completions: Completions = sample_completions(
         model,

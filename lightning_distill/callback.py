@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from lightning_distill._contract import TeacherClient, TeacherConnection, TeacherNeeds, TeacherRequest
 from lightning_distill._rng import ResumeRng
+from lightning_distill.generation import max_sequence_length
 from lightning_distill.teacher._cache import TeacherCache
 from lightning_distill.teacher._cache_files import cache_settings
 from lightning_distill.teacher._digest import teacher_weights_fingerprint
@@ -247,6 +248,7 @@ class DistillationCallback(L.Callback):
                 cached=cache is not None,
                 cache_top_k=None if cache is None else cache.top_k,
                 owner=f"DistillationCallback({_describe(self.teacher)})",
+                max_length=max_sequence_length(self.teacher)[0],
             )
         )
         self._client = client

@@ -162,7 +162,7 @@ def sample_completions(
     eos = _eos_ids(eos_token_id)
     prompt, lengths = _compact(input_ids, attention_mask, pad_token_id)
     batch, width = prompt.shape
-    limit, source = _max_length(model)
+    limit, source = max_sequence_length(model)
     if limit is not None and width + max_new_tokens > limit:
         raise ValueError(
             f"prompt length {width} + max_new_tokens {max_new_tokens} = {width + max_new_tokens} exceeds the "
@@ -281,7 +281,7 @@ def _compact(input_ids: object, attention_mask: object, pad_token_id: int) -> tu
     return prompt, lengths
 
 
-def _max_length(model: nn.Module) -> tuple[int | None, str]:
+def max_sequence_length(model: nn.Module) -> tuple[int | None, str]:
     """The model's longest sequence and where it was read, or ``(None, "")``."""
     for name in ("max_length", "n_positions", "max_position_embeddings"):
         value = getattr(model, name, None)

@@ -334,3 +334,17 @@ def test_a_new_fit_takes_its_own_seed_and_a_resumed_one_the_checkpoints(tmp_path
         make_trainer(tmp_path, callbacks=[callback]).fit(module, _loader())
         seeds.append(module._sampling_seed)
     assert seeds == [11, 22]  # the second fit reused the first one's samples
+
+
+@pytest.mark.parametrize("seq_kd", [False, True])
+def test_sequences_longer_than_the_teacher_takes_are_refused_by_name(tmp_path, seq_kd):
+    # the teacher's position embedding failed with a bare `IndexError: index out of range in self`
+    torch.manual_seed(2)
+    short_teacher = TinyCausalLM(vocab_size=VOCAB, dim=16, layers=1, heads=2, max_length=12)
+    config = OnPolicy(max_new_tokens=10, prompt_length=PROMPT, seq_kd=seq_kd)
+    module = DistillModule(student=_lm(8, 1), shift_labels=True, on_policy=config)
+    match = r"sequences reach 14 tokens .*max_new_tokens=10.*teacher takes at most 12\. HINT: lower `max_new_tokens`"
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, callbacks=[DistillationCallback(short_teacher, check_accuracy=False)]).fit(
+            module, _loader()
+        )
