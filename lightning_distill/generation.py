@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from lightning_distill._batches import extract_logits
 
-__all__ = ["Completions", "sample_completions"]
+__all__ = ["Completions", "max_sequence_length", "sample_completions"]
 
 
 @dataclass(frozen=True)
@@ -282,7 +282,15 @@ def _compact(input_ids: object, attention_mask: object, pad_token_id: int) -> tu
 
 
 def max_sequence_length(model: nn.Module) -> tuple[int | None, str]:
-    """The model's longest sequence and where it was read, or ``(None, "")``."""
+    """The longest sequence a model takes and where it was read, or ``(None, "")`` when it does not say.
+
+    Read from the model's ``max_length``, ``n_positions`` or ``max_position_embeddings``, then its ``config``'s.
+
+    Example::
+
+        >>> max_sequence_length(nn.Linear(2, 2))
+        (None, '')
+    """
     for name in ("max_length", "n_positions", "max_position_embeddings"):
         value = getattr(model, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
