@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -175,9 +177,7 @@ def sample_completions(
     if temperature != 0:
         draw_on = generator.device if generator is not None else device
         uniforms = torch.rand(max_new_tokens, batch, 1, generator=generator, device=draw_on).to(device)
-    modes = [(module, module.training) for module in model.modules()]  # the model first
-    model.eval()
-    try:
+    with _eval_mode(model):
         decoder = _decoder(model, prompt, lengths, max_new_tokens, pad_token_id, use_cache)
         sampled: list[Tensor] = []
         # not inference_mode(False): that would turn grad mode back on
@@ -196,12 +196,25 @@ def sample_completions(
                 if step == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
                     break
                 logits = decoder.step(tokens, step + 1)
-    finally:
-        model.train(modes[0][1])  # a `train` override of the model's own runs
-        for module, training in modes:  # then each submodule's own flag, as it was (a frozen one stays frozen)
-            module.training = training
     generated = torch.stack(sampled, dim=1).to(prompt.dtype)  # outside inference mode: a tensor autograd may use
     return _assemble(prompt, lengths, generated, eos, pad_token_id)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block, then every training flag as it was.
+
+    Afterwards the model's own ``train(mode)`` runs (an override of it too), then each submodule's flag is set back
+    (a frozen submodule stays frozen).
+    """
+    modes = [(module, module.training) for module in model.modules()]  # the model first
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(modes[0][1])
+        for module, training in modes:
+            module.training = training
 
 
 # ------------------------------------------------------------------------------------------------------ arguments
@@ -326,17 +339,18 @@ def _sample(logits: Tensor, uniform: Tensor, temperature: float, top_k: int | No
 
 
 # -------------------------------------------------------------------------------------------------------- decoders
-class _Decoder:
+class _Decoder(ABC):
     """Gives the next-token logits ``(B, V)`` of every row: after the prompt, then after each sampled token."""
 
     inference_mode = False  # whether the decoding may run under torch.inference_mode (nothing keeps its tensors)
 
+    @abstractmethod
     def prefill(self) -> Tensor:
-        raise NotImplementedError
+        """The logits after each row's prompt."""
 
+    @abstractmethod
     def step(self, tokens: Tensor, generated: int) -> Tensor:
         """The logits after ``tokens`` ``(B,)``, the ``generated``-th sampled token of each row."""
-        raise NotImplementedError
 
 
 def _left_padded(prompt: Tensor, lengths: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -12,14 +12,11 @@ chain either (its row is zero), so the token *after* a generated ``PAD`` is not 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor, nn
 
 from lightning_distill.demos.markov import PAD, MarkovLanguage, _check_int
-from lightning_distill.generation import _causal_lm_logits, sample_completions
+from lightning_distill.generation import _causal_lm_logits, _eval_mode, sample_completions
 
 __all__ = ["evaluate_generations", "next_token_nll"]
 
@@ -67,7 +64,7 @@ def next_token_nll(
     _check_int("length", length, minimum=2)
     _check_int("seed", seed)
     tokens = language.sample(num_sequences, length, seed=seed).to(_device(model))
-    with _evaluating(model):
+    with _eval_mode(model), torch.no_grad():
         logits = _causal_lm_logits(model, tokens, torch.ones_like(tokens))
     _check_vocab(logits, language)
     log_probs = logits[:, :-1].double().log_softmax(dim=-1)
@@ -158,7 +155,8 @@ def evaluate_generations(
     device = _device(model)
     if isinstance(prompts, Tensor) and prompts.dim() == 2 and prompts.numel():  # else sample_completions says why
         prompts = prompts.to(device)
-        with _evaluating(model):  # the vocabulary first: a sampled id past the language's would be no token of it
+        # the vocabulary first: a sampled id past the language's would be no token of it
+        with _eval_mode(model), torch.no_grad():
             _check_vocab(_causal_lm_logits(model, prompts[:1], torch.ones_like(prompts[:1])), language)
     if isinstance(attention_mask, Tensor):
         attention_mask = attention_mask.to(device)
@@ -173,7 +171,7 @@ def evaluate_generations(
         pad_token_id=PAD,
         generator=generator,
     )
-    with _evaluating(model):
+    with _eval_mode(model), torch.no_grad():
         logits = _causal_lm_logits(model, completions.input_ids, completions.attention_mask)
     _check_vocab(logits, language)
     input_ids = completions.input_ids.long()
@@ -235,17 +233,3 @@ def _device(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     return torch.device("cpu") if tensor is None else tensor.device
-
-
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for the block; the training flags restored after it."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(modes[0][1])
-        for module, training in modes:
-            module.training = training
