@@ -348,3 +348,21 @@ def test_sequences_longer_than_the_teacher_takes_are_refused_by_name(tmp_path, s
         make_trainer(tmp_path, callbacks=[DistillationCallback(short_teacher, check_accuracy=False)]).fit(
             module, _loader()
         )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_k": 0}, r"`OnPolicy\(top_k=0\)`: must be an int >= 1 or None"),
+        ({"prompt_length": 2.5}, r"`OnPolicy\(prompt_length=2.5\)`: must be an int >= 1 or None"),
+        ({"pad_token_id": -1}, r"`OnPolicy\(pad_token_id=-1\)`: must be an int >= 0"),
+        ({"eos_token_id": "2"}, r"`OnPolicy\(eos_token_id='2'\)`: must be a token id \(int\) or None"),
+        ({"seq_kd": 1}, r"`OnPolicy\(seq_kd=1\)`: must be True or False"),
+        ({"task_loss": "yes"}, r"`OnPolicy\(task_loss='yes'\)`: must be True or False"),
+        ({"seed": 1.0}, r"`OnPolicy\(seed=1.0\)`: must be an int or None"),
+        ({"max_new_tokens": True}, r"`OnPolicy\(max_new_tokens=True\)`: must be an int >= 1"),
+    ],
+)
+def test_every_bad_on_policy_value_is_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OnPolicy(**kwargs)
