@@ -6,12 +6,14 @@ both compose the same :class:`DistillationObjective`. The capabilities live in s
 names in ``__all__``: :mod:`~lightning_distill.teacher`, :mod:`~lightning_distill.features`,
 :mod:`~lightning_distill.losses`, :mod:`~lightning_distill.self_distill`, :mod:`~lightning_distill.quantization` and
 :mod:`~lightning_distill.interop`; :mod:`~lightning_distill.demos` (demo data and models) is never imported by the
-library. :class:`ResumableDataLoader` (:mod:`~lightning_distill.data`) lets a fit resumed from a checkpoint saved
-inside an epoch continue with the batches it had not reached.
+library. A language model's teacher can be run once ahead: :class:`TokenCachePass` writes a :class:`TokenCache`,
+:class:`CachedTeacher` trains from it without the teacher. :class:`ResumableDataLoader` (:mod:`~lightning_distill.data`)
+lets a fit resumed from a checkpoint saved inside an epoch continue with the batches it had not reached.
 """
 
 from lightning_distill import schedules
 from lightning_distill._on_policy import OnPolicy
+from lightning_distill.cached_teacher import CachedTeacher
 from lightning_distill.callback import DistillationCallback
 from lightning_distill.data import ResumableDataLoader, ResumableSampler
 from lightning_distill.distiller import Distiller
@@ -19,11 +21,20 @@ from lightning_distill.features import FeatureMap
 from lightning_distill.module import DistillModule
 from lightning_distill.objective import DistillationObjective
 from lightning_distill.self_distill import SelfDistillModule
-from lightning_distill.teacher import IndexedDataset, TeacherCache, TeacherMixture, TeacherOutputs, TeacherRunner
+from lightning_distill.teacher import (
+    IndexedDataset,
+    TeacherCache,
+    TeacherMixture,
+    TeacherOutputs,
+    TeacherRunner,
+    TokenCache,
+    TokenCachePass,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CachedTeacher",
     "DistillModule",
     "DistillationCallback",
     "DistillationObjective",
@@ -38,6 +49,8 @@ __all__ = [
     "TeacherMixture",
     "TeacherOutputs",
     "TeacherRunner",
+    "TokenCache",
+    "TokenCachePass",
     "__version__",
     "schedules",
 ]

@@ -142,6 +142,7 @@ def test_every_name_in_all_resolves(name: str) -> None:
 
 def test_the_top_level_api() -> None:
     expected = {
+        "CachedTeacher",
         "DistillModule",
         "DistillationCallback",
         "Distiller",
@@ -155,6 +156,8 @@ def test_the_top_level_api() -> None:
         "TeacherMixture",
         "TeacherOutputs",
         "TeacherRunner",
+        "TokenCache",
+        "TokenCachePass",
         "__version__",
         "schedules",
     }

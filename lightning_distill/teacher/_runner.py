@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_distill._batches import call_with_inputs, extract_logits
 from lightning_distill.features._capture import FeatureCapture, ModifiedInPlaceError, Selector
+from lightning_distill.losses.functional._common import LOG_ZERO as LOG_ZERO_VALUE
 from lightning_distill.teacher import _placement
 from lightning_distill.teacher._checkpoint import check_prefix, load_teacher_checkpoint
 from lightning_distill.teacher._sharding import (
@@ -90,8 +91,11 @@ class TeacherOutputs:
         features: Captured intermediate outputs keyed by layer name, ``"name[selector]"`` when only part of the
             layer's output was requested (empty unless features were requested).
         topk: Set when the outputs come from a top-k teacher cache: the KD term is then computed from it (see
-            :func:`~lightning_distill.losses.functional.topk.topk_kd_loss`), and ``logits`` are the teacher's
-            log-probabilities with the tail mass spread evenly (right for argmax and agreement).
+            :func:`~lightning_distill.losses.functional.topk.topk_kd_loss`). From a classification
+            :class:`~lightning_distill.TeacherCache` ``logits`` are the teacher's log-probabilities with the tail
+            mass spread evenly (right for argmax and agreement); from a :class:`~lightning_distill.TokenCache` they
+            are the stored tokens' top-k log-probabilities ``(N, k)`` (``(B, L, V)`` logits are what the cache
+            avoids materializing): read ``topk``.
 
     Example::
 
@@ -109,17 +113,69 @@ class TeacherOutputs:
 class TopKTeacher:
     """A teacher distribution kept as its top-k log-probabilities at ``temperature`` and the remaining mass.
 
+    Dense (a classification cache, or :meth:`dense`): one distribution per position of the logits, ``values`` and
+    ``indices`` ``(*, k)``, ``tail`` ``(*)``. Token rows (a :class:`~lightning_distill.TokenCache`): only the stored
+    positions, ``values`` and ``indices`` ``(N, k)``, ``tail`` ``(N,)``, and ``positions`` ``(N, 2)`` says which
+    (sample in the batch, position) each is.
+
     Attributes:
-        values: Log-probabilities of the k most likely classes, ``(B, k)``.
-        indices: Their classes, ``(B, k)``.
-        tail: Probability mass of all other classes, ``(B,)``.
+        values: Log-probabilities of the k most likely classes.
+        indices: Their classes.
+        tail: Probability mass of all other classes.
         temperature: The temperature the distribution was taken at.
+        positions: Token rows only: ``(N, 2)`` int64 (batch row, position) of each stored distribution.
+        present: Dense from token rows only: bool ``(B, L)``, the positions that hold a stored distribution.
+        num_classes: The teacher's vocabulary, when known (a student with another one is refused).
     """
 
     values: Tensor
     indices: Tensor
     tail: Tensor
     temperature: float
+    positions: Tensor | None = None
+    present: Tensor | None = None
+    num_classes: int | None = None
+
+    def dense(self, lead: tuple[int, ...]) -> TopKTeacher:
+        """Token rows scattered to the logits' positions ``lead = (B, L)``; dense ones are returned as they are.
+
+        Positions without a stored distribution get all their mass in the tail (and ``present`` False).
+
+        Raises:
+            ValueError: If a stored position lies outside ``lead``.
+        """
+        if self.positions is None:
+            return self
+        if len(lead) != 2:
+            raise ValueError(f"A token cache's distributions need per-token logits (B, L, V), got positions {lead}.")
+        rows, steps = self.positions[:, 0], self.positions[:, 1]
+        if len(steps) and (int(steps.max()) >= lead[1] or int(rows.max()) >= lead[0]):
+            raise ValueError(
+                f"The token cache holds a distribution at position {int(steps.max())}, but the logits have "
+                f"{lead[1]} positions: the batch's sequences are not padded as in the pre-pass. HINT: pad on the right "
+                "and keep every sequence at least as long as it was then."
+            )
+        k = self.values.shape[-1]
+        values = self.values.new_full((*lead, k), LOG_ZERO_VALUE)
+        indices = self.indices.new_zeros((*lead, k))
+        tail = self.tail.new_ones(lead)
+        present = torch.zeros(lead, dtype=torch.bool, device=self.values.device)
+        values[rows, steps], indices[rows, steps], tail[rows, steps] = self.values, self.indices, self.tail
+        present[rows, steps] = True
+        return TopKTeacher(values, indices, tail, self.temperature, None, present, self.num_classes)
+
+    def next_token_view(self) -> TopKTeacher:
+        """The dense distributions of positions ``0..L-2`` (what a causal LM's shifted logits are scored against)."""
+        present = None if self.present is None else self.present[..., :-1]
+        return TopKTeacher(
+            self.values[..., :-1, :],
+            self.indices[..., :-1, :],
+            self.tail[..., :-1],
+            self.temperature,
+            None,
+            present,
+            self.num_classes,
+        )
 
 
 class TeacherRunner:

@@ -7,11 +7,9 @@ is taken over contributes 0, one the other model masks contributes a large but f
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor
 
+from lightning_distill.losses.functional._chunked import chunked_row_sum
 from lightning_distill.losses.functional._common import (
     Divergence,
     check_alpha,
@@ -103,59 +101,6 @@ def _chunk_sum(
     return _divergence_mean(student.to(dtype), teacher.to(dtype), temperature, divergence, js_beta) * rows
 
 
-class _ChunkedKD(torch.autograd.Function):
-    """The KD sum over counted rows, computed ``chunk_size`` rows at a time, gradients included.
-
-    The forward pass takes each chunk through the divergence and ``torch.autograd.grad`` at once and writes the
-    chunk's gradient into one preallocated ``(N, C)`` tensor per input that needs it; the backward pass only scales
-    those. So at most one chunk's float32 copies and softmaxes are alive, and no full-size temporary is made for a
-    chunk's gradient (slicing a tensor inside the autograd graph would allocate one per chunk). The loss can be
-    back-propagated once.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        student: Tensor,
-        teacher: Tensor,
-        keep: Tensor | None,
-        temperature: float,
-        divergence: Divergence,
-        js_beta: float,
-        chunk_size: int,
-    ) -> Tensor:
-        wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        grads = [torch.zeros_like(x) if want else None for x, want in zip((student, teacher), wants, strict=True)]
-        total = student.new_zeros((), dtype=compute_dtype(student, teacher))
-        for start in range(0, student.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
-            with torch.enable_grad():
-                pieces = [
-                    x[part].detach().requires_grad_(want) for x, want in zip((student, teacher), wants, strict=True)
-                ]
-                rows = None if keep is None else keep[part]
-                value = _chunk_sum(pieces[0], pieces[1], rows, temperature, divergence, js_beta)
-                needed = [piece for piece in pieces if piece.requires_grad]
-                chunk_grads = iter(torch.autograd.grad(value, needed) if needed else ())
-            for grad, piece in zip(grads, pieces, strict=True):
-                if grad is not None and piece.requires_grad:
-                    grad[part] = next(chunk_grads)
-            total = total + value.detach()
-        ctx.grads = grads  # kept on ctx, not saved: backward scales them in place instead of copying (N, C)
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.grads is None:
-            raise RuntimeError(
-                "The chunked KD loss was back-propagated twice; its gradients are computed once and handed over. "
-                "HINT: recompute the loss, or use chunk_size=None with retain_graph=True."
-            )
-        grads, ctx.grads = ctx.grads, None
-        scaled = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
-        return scaled[0], scaled[1], None, None, None, None, None
-
-
 def _chunked_kd_mean(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -165,7 +110,7 @@ def _chunked_kd_mean(
     js_beta: float,
     chunk_size: int,
 ) -> Tensor:
-    """The KD mean over counted positions, ``chunk_size`` positions at a time (see :class:`_ChunkedKD`).
+    """The KD mean over counted positions, ``chunk_size`` positions at a time (see :func:`chunked_row_sum`).
 
     The result equals the unchunked mean up to summation order; at most one chunk's ``(chunk_size, C)`` float32
     intermediates are alive at a time, never the whole ``(N, C)``.
@@ -173,7 +118,11 @@ def _chunked_kd_mean(
     classes = student_logits.shape[-1]
     flat_s, flat_t = student_logits.reshape(-1, classes), teacher_logits.reshape(-1, classes)
     count = flat_s.shape[0] if keep is None else int(keep.sum())
-    total = _ChunkedKD.apply(flat_s, flat_t, keep, temperature, divergence, js_beta, chunk_size)
+
+    def chunk_sum(student: Tensor, teacher: Tensor, rows: Tensor | None) -> Tensor:
+        return _chunk_sum(student, teacher, rows, temperature, divergence, js_beta)
+
+    total = chunked_row_sum(chunk_sum, [flat_s, flat_t, keep], chunk_size)
     return total / max(count, 1)
 
 

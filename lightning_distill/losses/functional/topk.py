@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lightning_distill.losses.functional._chunked import chunked_row_sum
 from lightning_distill.losses.functional._common import (
     LOG_ZERO,
+    check_chunk_size,
     check_mask,
     check_temperature,
     counted_positions,
@@ -81,6 +83,7 @@ def topk_kd_loss(
     mask: Tensor | None = None,
     target: Tensor | None = None,
     ignore_index: int = -100,
+    chunk_size: int | None = None,
 ) -> Tensor:
     r"""``T² · mean_positions KL_k(p_t ‖ p_s)`` from a top-k teacher (see the module docstring for the bound).
 
@@ -93,9 +96,11 @@ def topk_kd_loss(
         mask: Optional bool ``(*)``: the positions that count.
         target: Optional class indices ``(*)``: positions equal to ``ignore_index`` do not count.
         ignore_index: See ``target``.
+        chunk_size: Compute the loss this many positions at a time, so that the float32 softmax of only one chunk
+            of ``(chunk_size, C)`` is alive (large vocabularies); the same value up to summation order.
 
     Raises:
-        ValueError: For mismatched shapes or a bad temperature.
+        ValueError: For mismatched shapes or a bad temperature or ``chunk_size``.
 
     Example::
 
@@ -106,6 +111,7 @@ def topk_kd_loss(
         True
     """
     temperature = check_temperature(temperature)
+    chunk_size = check_chunk_size(chunk_size)
     lead = tuple(student_logits.shape[:-1])
     if tuple(values.shape[:-1]) != lead or values.shape != indices.shape or tuple(tail.shape) != lead:
         raise ValueError(
@@ -115,19 +121,34 @@ def topk_kd_loss(
     check_mask(mask, lead)
     keep = counted_positions(target, mask, ignore_index, student_logits.device)
     classes = student_logits.shape[-1]
-    log_s = log_probs(student_logits.float().reshape(-1, classes), temperature)
-    rows = log_s.shape[0]
-    values, indices = values.float().reshape(rows, -1).clamp(min=LOG_ZERO), indices.long().reshape(rows, -1)
-    tail = tail.float().reshape(-1)
+    flat = student_logits.reshape(-1, classes)
+    rows = flat.shape[0]
+    values, indices, tail = values.reshape(rows, -1), indices.reshape(rows, -1), tail.reshape(-1)
     if keep is not None:
-        log_s, values, indices, tail = log_s[keep], values[keep], indices[keep], tail[keep]
-    if log_s.shape[0] == 0:
-        return log_s.sum() * 0.0
+        flat, values, indices, tail = flat[keep], values[keep], indices[keep], tail[keep]
+    count = flat.shape[0]
+    if count == 0:
+        return student_logits.sum() * 0.0
+
+    def row_sum(student: Tensor, top_values: Tensor, top_indices: Tensor, top_tail: Tensor) -> Tensor:
+        return _topk_kl_sum(student, top_values, top_indices, top_tail, temperature)
+
+    if chunk_size is None:
+        total = row_sum(flat, values, indices, tail)
+    else:
+        total = chunked_row_sum(row_sum, [flat, values, indices, tail], chunk_size)
+    return temperature**2 * total / count
+
+
+def _topk_kl_sum(student: Tensor, values: Tensor, indices: Tensor, tail: Tensor, temperature: float) -> Tensor:
+    """The sum over ``(N, C)`` counted rows of ``KL_k`` (without T²), in float32."""
+    log_s = log_probs(student.float(), temperature)
+    values, indices, tail = values.float().clamp(min=LOG_ZERO), indices.long(), tail.float()
     head = (values.exp() * (values - log_s.gather(-1, indices))).sum(-1)
-    if indices.shape[-1] == classes:  # no class outside the top-k: the tail is empty, whatever rounding left in it
-        return temperature**2 * head.mean()
+    if indices.shape[-1] == student.shape[-1]:  # no class outside the top-k: the tail is empty, whatever is left in it
+        return head.sum()
     log_s_tail = torch.logsumexp(log_s.scatter(-1, indices, float("-inf")), dim=-1)
-    return temperature**2 * (head + torch.xlogy(tail, tail) - tail * log_s_tail).mean()
+    return (head + torch.xlogy(tail, tail) - tail * log_s_tail).sum()
 
 
 def topk_distillation_terms(
@@ -139,12 +160,16 @@ def topk_distillation_terms(
     alpha: float,
     temperature: float,
     divergence: str,
+    chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
     """``{"loss", "task_loss", "kd_loss"}`` from a top-k teacher: ``alpha * topk_kd_loss + (1 - alpha) * CE``.
 
+    A teacher from a token cache (``topk.present`` set) must hold a distribution at every position the loss counts.
+
     Raises:
         ValueError: If ``temperature`` or ``divergence`` differ from what the top-k teacher was stored for
-            (its temperature, ``"kl"``), or without a ``target`` while ``alpha < 1`` (see
+            (its temperature, ``"kl"``), the student has another vocabulary than the teacher, the loss counts a
+            position the cache holds nothing for, or without a ``target`` while ``alpha < 1`` (see
             :func:`~lightning_distill.losses.functional.logits.weigh_terms`).
     """
     if temperature != topk.temperature or divergence != "kl":
@@ -153,6 +178,26 @@ def topk_distillation_terms(
             f"uses temperature {temperature} and divergence {divergence!r}. HINT: rebuild the cache, or cache the "
             "full logits."
         )
-    kd = topk_kd_loss(student_logits, topk.values, topk.indices, topk.tail, temperature, mask, target, ignore_index)
+    classes = student_logits.shape[-1]
+    if topk.num_classes is not None and topk.num_classes != classes:
+        raise ValueError(
+            f"The cached teacher has a vocabulary of {topk.num_classes} classes, the student's logits {classes}: "
+            "distillation needs the same classes (the same tokenizer). HINT: give the student the teacher's "
+            "vocabulary size."
+        )
+    if topk.present is not None:
+        counted = counted_positions(target, mask, ignore_index, student_logits.device)
+        absent = ~topk.present.reshape(-1) if counted is None else counted & ~topk.present.reshape(-1)
+        if bool(absent.any()):
+            raise ValueError(
+                f"The loss counts {int(absent.sum())} positions of this batch for which the token cache holds no "
+                "teacher distribution: the batch's attention mask or labels count other positions than in the "
+                "pre-pass (which stores those with a real token and a label other than `ignore_index`, shifted "
+                "with `shift_labels`). HINT: run the pre-pass with the module's `shift_labels` and `ignore_index` "
+                "on the same data, or mask those positions in the batch."
+            )
+    kd = topk_kd_loss(
+        student_logits, topk.values, topk.indices, topk.tail, temperature, mask, target, ignore_index, chunk_size
+    )
     task = None if target is None else cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
     return weigh_terms(kd, task, alpha)

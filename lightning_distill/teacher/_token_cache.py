@@ -1,0 +1,377 @@
+"""TokenCache: a language-model teacher's per-token top-k distributions, written once by a pre-pass, read by fits.
+
+The layout is in :mod:`lightning_distill.teacher._token_files`, the 8-bit encoding and its error bound in
+:mod:`lightning_distill.teacher._token_codec`. A row (one sample and view) counts only once its ``filled`` flag is
+set, after its tokens, inputs digest and checksum, so a pre-pass killed at any point leaves rows that read as missing
+(the next pre-pass writes them), never as valid. Every row read is checked against its checksum (covering its row
+number: a torn, corrupted or moved row raises) and against the digest of the inputs the student's batch gives the
+teacher now (a row written for other inputs raises).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_distill._indexed import Indexed
+from lightning_distill.teacher._cache_files import prepare_directory
+from lightning_distill.teacher._runner import TopKTeacher
+from lightning_distill.teacher._token_codec import decode_tokens, encode_tokens, token_dtype
+from lightning_distill.teacher._token_files import (
+    FORMAT,
+    SAMPLE_DTYPE,
+    create_shard,
+    differences,
+    map_samples,
+    map_tokens,
+    open_tokens_for_append,
+    read_shard_meta,
+    remove_shard,
+    row_checksum,
+    shard_dirs,
+    writer_lock,
+)
+
+_MISSING_HINT = (
+    "HINT: run the pre-pass (`lightning-distill cache --config ...`, or `Trainer.predict(TokenCachePass(teacher, "
+    "cache), dataloaders=...)`) over this training set: it writes only the rows that are missing."
+)
+
+
+def token_cache_settings(
+    fingerprint: str,
+    num_samples: int,
+    views: int,
+    vocab: int,
+    top_k: int,
+    temperature: float,
+    shift_labels: bool,
+    ignore_index: int,
+) -> dict[str, Any]:
+    """The settings a token cache's shard is written for (its ``meta.json``)."""
+    return {
+        "format": FORMAT,
+        "teacher": fingerprint,
+        "num_samples": int(num_samples),
+        "views": int(views),
+        "vocab": int(vocab),
+        "top_k": int(top_k),
+        "temperature": float(temperature),
+        "shift_labels": bool(shift_labels),
+        "ignore_index": int(ignore_index),
+    }
+
+
+class TokenCache:
+    """A language-model teacher's per-token top-k log-probabilities on disk, at about 58 bytes a token (k = 16).
+
+    Written once by the pre-pass (:class:`~lightning_distill.TokenCachePass` under ``Trainer.predict``, or
+    ``lightning-distill cache --config ...``), one shard per process; read by
+    :class:`~lightning_distill.CachedTeacher`, so a fit never loads the teacher. Per stored token: its position, the
+    k class indices (uint8/uint16/uint32, the narrowest the vocabulary needs), their log-probabilities on 8 bits with
+    a float16 top and step, and the float16 log of the tail mass (see
+    :mod:`~lightning_distill.teacher._token_codec` for the error bound); per sample 25 bytes (offset, count, inputs
+    digest, checksum, flag). Only the positions the loss counts are stored: padding and ``ignore_index`` labels are
+    not.
+
+    The batches must carry sample identity: wrap the training dataset in
+    :class:`~lightning_distill.IndexedDataset`.
+
+    Args:
+        path: The cache's directory (created if missing); under DDP every process must see it.
+        top_k: Classes kept per token (``>= 1``; at most the vocabulary).
+        on_mismatch: What the pre-pass does with shards written for another teacher or other settings:
+            ``"refuse"`` (default: raise naming the differences) or ``"rebuild"`` (delete them and write anew).
+
+    Raises:
+        ValueError: For a bad ``top_k`` or ``on_mismatch``.
+
+    Example::
+
+        >>> cache = TokenCache("runs/token-cache", top_k=16)
+        >>> cache.bytes_per_token(vocab=50257)
+        58
+    """
+
+    def __init__(self, path: str | Path, *, top_k: int = 16, on_mismatch: str = "refuse") -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"`top_k` must be an int >= 1, got {top_k!r}.")
+        if on_mismatch not in ("refuse", "rebuild"):
+            raise ValueError(f"`on_mismatch` must be 'refuse' or 'rebuild', got {on_mismatch!r}.")
+        self.path = Path(path)
+        self.top_k = top_k
+        self.on_mismatch = on_mismatch
+        self._meta: dict[str, Any] | None = None
+        # writing: this process's shard
+        self._shard: Path | None = None
+        self._samples: np.memmap | None = None
+        self._tokens_file: IO[bytes] | None = None
+        self._lock: Any = None
+        self._end = 0
+        self._done: np.ndarray | None = None  # rows stored in any shard, as seen when the writer opened
+        # reading: every shard
+        self._table: np.ndarray | None = None
+        self._table_shard: np.ndarray | None = None
+        self._tokens: list[np.ndarray] = []
+
+    def __repr__(self) -> str:
+        return f"TokenCache({str(self.path)!r}, top_k={self.top_k})"
+
+    def bytes_per_token(self, vocab: int) -> int:
+        """Bytes of one stored token for a vocabulary (the 25 bytes per sample come on top)."""
+        return token_dtype(self.top_k, vocab).itemsize
+
+    @property
+    def settings(self) -> dict[str, Any] | None:
+        """The settings of the open cache (its shards' ``meta.json``), or ``None`` when it is not open."""
+        return None if self._meta is None else dict(self._meta)
+
+    # --------------------------------------------------------------------------------------------------- writing
+    def open_writer(self, settings: dict[str, Any], rank: int) -> None:
+        """Open (or create) the shard of global rank ``rank`` for ``settings``, and learn which rows are stored.
+
+        Shards written for other settings are refused, or deleted with ``on_mismatch="rebuild"``; a shard without
+        settings (a writer killed before its first row) is deleted. The rows stored in any matching shard are not
+        written again.
+
+        Raises:
+            ValueError: If a shard was written for other settings and ``on_mismatch="refuse"``.
+            RuntimeError: If another process writes this rank's shard now.
+            OSError: If the directory cannot be created or written.
+        """
+        if settings["top_k"] > settings["vocab"]:
+            raise ValueError(
+                f"`TokenCache(top_k={self.top_k})` keeps more classes than the teacher's vocabulary "
+                f"({settings['vocab']}). HINT: pass `top_k` below {settings['vocab']}."
+            )
+        self.close()
+        prepare_directory(self.path)
+        shard = self.path / f"shard-{rank:05d}"
+        lock = writer_lock(shard)
+        self._lock = lock
+        lock.__enter__()
+        try:
+            done = np.zeros(settings["num_samples"] * settings["views"], dtype=bool)
+            for other in shard_dirs(self.path):
+                found = read_shard_meta(other)
+                if found is None:
+                    if other == shard:
+                        remove_shard(other)
+                    continue
+                if differences(found, settings):
+                    if self.on_mismatch == "refuse":
+                        raise ValueError(_mismatch_message(self.path, other, found, settings))
+                    remove_shard(other)
+                    continue
+                if other != shard:
+                    done |= np.asarray(map_samples(other, found, "r")["filled"]) == 1
+            if read_shard_meta(shard) is None:
+                create_shard(shard, settings)
+            self._samples = map_samples(shard, settings, "r+")
+            done |= np.asarray(self._samples["filled"]) == 1
+            itemsize = token_dtype(settings["top_k"], settings["vocab"]).itemsize
+            self._tokens_file = open_tokens_for_append(shard, np.asarray(self._samples), itemsize)
+            self._end = self._tokens_file.tell() // itemsize
+        except BaseException:
+            self.close()
+            raise
+        self._meta, self._shard, self._done = settings, shard, done
+
+    def missing(self, rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` no shard held when the writer opened, nor this writer has written since."""
+        assert self._done is not None, "open_writer first"
+        return ~self._done[rows]
+
+    def write(self, rows: np.ndarray, logits: Tensor, counted: Tensor, digests: np.ndarray) -> int:
+        """Encode and append the counted positions of per-token logits ``(B, L, V)``; returns the tokens written.
+
+        Args:
+            rows: The ``B`` rows (:meth:`rows`), none of them written yet.
+            logits: The teacher's logits for them.
+            counted: Bool ``(B, L)``: the positions to store (those the loss counts).
+            digests: The ``(B,)`` digests of the inputs the teacher ran on.
+
+        Raises:
+            FloatingPointError: If a stored position's logits hold NaN or +inf or are all -inf.
+        """
+        assert self._meta is not None and self._samples is not None and self._tokens_file is not None
+        meta = self._meta
+        counts = counted.sum(-1).cpu().numpy().astype(np.int64)
+        where = counted.nonzero()
+        fields = encode_tokens(logits[counted], meta["top_k"], meta["temperature"])
+        records = np.empty(int(counts.sum()), dtype=token_dtype(meta["top_k"], meta["vocab"]))
+        records["position"] = where[:, 1].cpu().numpy()
+        for name, value in fields.items():
+            records[name] = value
+        self._tokens_file.write(records.tobytes())
+        self._tokens_file.flush()
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        entries = np.zeros(len(rows), dtype=SAMPLE_DTYPE)
+        entries["offset"] = self._end + starts
+        entries["count"] = counts
+        entries["digest"] = digests
+        entries["crc"] = [
+            row_checksum(int(d), int(r), records[a:b].tobytes())
+            for d, r, a, b in zip(digests, rows, starts, ends, strict=True)
+        ]
+        self._samples[rows] = entries  # filled 0: the flag comes last
+        self._samples["filled"][rows] = 1
+        self._end += len(records)
+        assert self._done is not None
+        self._done[rows] = True
+        return len(records)
+
+    def close(self) -> None:
+        """Flush and close the writer and forget what was read (the files stay)."""
+        if self._samples is not None:
+            self._samples.flush()
+        if self._tokens_file is not None:
+            self._tokens_file.close()
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+        self._meta = self._shard = self._samples = self._tokens_file = self._lock = self._done = None
+        self._table = self._table_shard = None
+        self._tokens = []
+
+    # --------------------------------------------------------------------------------------------------- reading
+    def open_reader(self, expected: dict[str, Any]) -> dict[str, Any]:
+        """Open every shard for reading; they must agree with each other and with ``expected``; return the settings.
+
+        Args:
+            expected: Settings the fit knows (``num_samples``, ``views``, ``shift_labels``, ``ignore_index``, ...);
+                the teacher's fingerprint is taken from the shards (a fit from the cache has no teacher).
+
+        Raises:
+            FileNotFoundError: If the directory holds no shard.
+            ValueError: If shards disagree with each other (two teachers) or with ``expected``.
+        """
+        self.close()
+        found = [(shard, read_shard_meta(shard)) for shard in shard_dirs(self.path)]
+        shards = [(shard, meta) for shard, meta in found if meta is not None]
+        if not shards:
+            raise FileNotFoundError(f"Token cache {str(self.path)!r} holds no shard. {_MISSING_HINT}")
+        first_shard, meta = shards[0]
+        for shard, other in shards[1:]:
+            if differences(other, meta):
+                raise ValueError(
+                    f"Token cache {str(self.path)!r}: its shards were written for different settings ("
+                    f"{shard.name} vs {first_shard.name}: {'; '.join(differences(other, meta))}). HINT: delete the "
+                    "cache directory and run the pre-pass again, or pass `TokenCache(..., on_mismatch='rebuild')` "
+                    "to the pre-pass."
+                )
+        wanted = {"top_k": self.top_k, **expected}
+        if differences(meta, wanted):
+            raise ValueError(_mismatch_message(self.path, first_shard, meta, wanted))
+        table = np.zeros(meta["num_samples"] * meta["views"], dtype=SAMPLE_DTYPE)
+        owner = np.full(len(table), -1, dtype=np.int32)
+        for number, (shard, shard_meta) in enumerate(shards):
+            samples = np.asarray(map_samples(shard, shard_meta, "r"))
+            take = (samples["filled"] == 1) & (owner < 0)
+            table[take], owner[take] = samples[take], number
+            self._tokens.append(np.asarray(map_tokens(shard, shard_meta)))
+        self._meta, self._table, self._table_shard = meta, table, owner
+        return dict(meta)
+
+    def stored_fraction(self) -> float:
+        """Fraction of rows stored (reader open)."""
+        assert self._table_shard is not None, "open_reader first"
+        return float((self._table_shard >= 0).mean())
+
+    def stored_tokens(self) -> int:
+        """Tokens stored over every row (reader open)."""
+        assert self._table is not None, "open_reader first"
+        return int(self._table["count"].sum())
+
+    def load(self, rows: np.ndarray, digests: np.ndarray, device: torch.device) -> TopKTeacher:
+        """The stored distributions of ``rows`` as a token-level :class:`TopKTeacher` (rows checked first).
+
+        Raises:
+            KeyError: If a row is not stored (the pre-pass did not reach it).
+            ValueError: If a row fails its checksum (corrupted, torn, or moved).
+            RuntimeError: If a row was written for other inputs than ``digests`` (the data changed since).
+        """
+        assert self._table is not None and self._table_shard is not None and self._meta is not None
+        owner = self._table_shard[rows]
+        if (owner < 0).any():
+            absent = rows[owner < 0]
+            raise KeyError(
+                f"Token cache {str(self.path)!r} holds no teacher distributions for {len(absent)} of {len(rows)} "
+                f"samples of this batch ({_describe_rows(absent, self._meta['views'])}). {_MISSING_HINT}"
+            )
+        entries = self._table[rows]
+        parts, bad = [], []
+        for row, shard, entry in zip(rows, owner, entries, strict=True):
+            start = int(entry["offset"])
+            data = self._tokens[shard][start : start + int(entry["count"])]
+            if len(data) != int(entry["count"]) or row_checksum(int(entry["digest"]), int(row), data) != entry["crc"]:
+                bad.append(int(row))
+            parts.append(data)
+        if bad:
+            raise ValueError(
+                f"Token cache {str(self.path)!r}: rows {bad[:5]} fail their checksum "
+                f"({_describe_rows(np.array(bad), self._meta['views'])}; it covers each row's tokens, inputs digest "
+                "and row number): the files are corrupted or truncated, or rows were moved within them. HINT: delete "
+                "the cache directory and run the pre-pass again."
+            )
+        changed = entries["digest"] != digests
+        if changed.any():
+            raise RuntimeError(
+                f"Token cache {str(self.path)!r}: the inputs of {int(changed.sum())} of {len(rows)} samples "
+                f"({_describe_rows(rows[changed], self._meta['views'])}) are not those the teacher's distributions "
+                "were cached for (the inputs digests differ): the dataset changed since the pre-pass, or a collator "
+                "pads a sample differently (pad on the right, with zeros, or to a fixed length). HINT: run the "
+                "pre-pass again into a new directory (or with `on_mismatch='rebuild'` after deleting this one)."
+            )
+        records = np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+        values, indices, tail = decode_tokens(records, device)
+        counts = torch.from_numpy(entries["count"].astype(np.int64))
+        batch_row = torch.repeat_interleave(torch.arange(len(rows)), counts)
+        position = torch.from_numpy(records["position"].astype(np.int64))
+        return TopKTeacher(
+            values=values,
+            indices=indices,
+            tail=tail,
+            temperature=float(self._meta["temperature"]),
+            positions=torch.stack([batch_row, position], dim=1).to(device),
+            num_classes=int(self._meta["vocab"]),
+        )
+
+    # --------------------------------------------------------------------------------------------------- batches
+    def rows(self, batch: Any, num_samples: int, views: int) -> np.ndarray:
+        """The rows (``index * views + view``) of a batch's samples.
+
+        Raises:
+            TypeError: If the batch carries no sample identity.
+            IndexError: If an index or view is out of range.
+        """
+        if not isinstance(batch, Indexed):
+            raise TypeError(
+                f"TokenCache needs each batch's sample indices, but the batch is a {type(batch).__name__}. HINT: wrap "
+                "the dataset: `IndexedDataset(dataset)` (from lightning_distill), in the pre-pass and in the fit."
+            )
+        index = torch.as_tensor(batch[0]).reshape(-1).long().cpu().numpy()
+        view = torch.as_tensor(batch[1]).reshape(-1).long().cpu().numpy()
+        bad = (index < 0) | (index >= num_samples) | (view < 0) | (view >= views)
+        if bad.any() or index.shape != view.shape:
+            raise IndexError(
+                f"Sample index/view out of the token cache's range ({num_samples} samples x {views} views): index "
+                f"{index[bad][:5].tolist()}, view {view[bad][:5].tolist()}."
+            )
+        return index * views + view
+
+
+def _describe_rows(rows: np.ndarray, views: int) -> str:
+    return f"sample index {(rows[:5] // views).tolist()}, view {(rows[:5] % views).tolist()}"
+
+
+def _mismatch_message(path: Path, shard: Path, found: dict[str, Any], expected: dict[str, Any]) -> str:
+    return (
+        f"Token cache {str(path)!r} ({shard.name}) was written for other settings: "
+        f"{'; '.join(differences(found, expected))}. HINT: write it again with `TokenCache(..., "
+        "on_mismatch='rebuild')` in the pre-pass, or use another directory."
+    )
