@@ -136,7 +136,13 @@ class DistillationCallback(L.Callback):
         }
         self._runner = _runner_from(teacher, teachers, weights, placement)
         if cache is not None and not isinstance(cache, TeacherCache):
-            raise TypeError(f"`cache` must be a TeacherCache or None, got {type(cache).__name__}.")
+            hint = (
+                " HINT: a TokenCache is written ahead by the pre-pass (`TokenCachePass`) and read by "
+                "`CachedTeacher(cache)` in place of this callback."
+                if type(cache).__name__ == "TokenCache"
+                else ""
+            )
+            raise TypeError(f"`cache` must be a TeacherCache or None, got {type(cache).__name__}.{hint}")
         self.cache = cache
         self.run_on_validation = run_on_validation
         self.check_finite = check_finite

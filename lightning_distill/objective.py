@@ -221,8 +221,9 @@ class DistillationObjective(nn.Module):
             )
         if connection.cached and self.feature_maps:
             raise ValueError(
-                "TeacherCache stores the teacher's logits only, but the module has feature maps, which need the "
-                "teacher's forward on every batch. HINT: remove `cache=` or the feature maps."
+                "A teacher cache (TeacherCache, TokenCache) stores the teacher's outputs only, but the module has "
+                "feature maps, which need the teacher's forward on every batch. HINT: remove the cache or the "
+                "feature maps."
             )
         if connection.cache_top_k is not None:
             if self.divergence != "kl":

@@ -189,7 +189,7 @@ def test_bad_cache_arguments_are_explained(tmp_path, make, error, match):
                     FeatureMap(student="1", teacher="body.1", projector="linear", student_dim=6, teacher_dim=16)
                 ]
             },
-            "logits only",
+            "outputs only, but the module has feature maps",
         ),
         (2, {"divergence": "js"}, "supports divergence='kl' only, got 'js'"),
         (2, {"temperature": LinearWarmup(2.0, warmup=3, start=1.0)}, "the temperature is scheduled"),

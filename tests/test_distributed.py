@@ -217,3 +217,66 @@ def test_ddp_spawn_on_policy_ranks_agree_on_the_batch_kind_sample_their_own_and_
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     assert trainer.state.finished
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:predict returned None")  # the pre-pass writes, it returns nothing
+def test_ddp_token_cache_prepass_writes_one_shard_per_rank_equal_to_one_process_and_a_ddp_fit_learns_from_it(
+    tmp_path,
+):
+    import numpy as np
+
+    from lightning_distill import TokenCache
+    from lightning_distill._batches import split_batch
+    from lightning_distill.teacher._digest import input_digests
+    from lightning_distill.teacher._token_files import map_samples, read_shard_meta
+    from tests.helpers import hf, token_ddp_script
+
+    if not hf.has_transformers():
+        pytest.skip("needs transformers")
+    torch.manual_seed(0)
+    teacher = token_ddp_script.teacher()
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    token_ddp_script.prepass(teacher, tmp_path / "single", devices=1)  # the reference: one process
+
+    run_python("-m", "tests.helpers.token_ddp_script", str(tmp_path), timeout=300)
+
+    data = token_ddp_script.data()
+    n = len(data)
+    filled = []
+    for rank in (0, 1):
+        shard = tmp_path / "cache" / f"shard-{rank:05d}"
+        meta = read_shard_meta(shard)
+        assert meta is not None and meta["num_samples"] == n
+        filled.append(np.asarray(map_samples(shard, meta, "r")["filled"]) == 1)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("shard-*")) == ["shard-00000", "shard-00001"]
+    assert not (filled[0] & filled[1]).any() and (filled[0] | filled[1]).all()  # disjoint, every row once
+    assert np.flatnonzero(filled[1]).tolist() == list(range(1, n, 2))  # rank r: the samples i = r mod 2
+
+    # read back, the 2-process cache is the 1-process one, row by row
+    expected = {"num_samples": n, "views": 1, "shift_labels": True, "ignore_index": -100}
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=n)))
+    inputs, _ = split_batch(batch)
+    rows = np.arange(n)
+    digests = input_digests(inputs, n)
+    loaded = []
+    for name in ("cache", "single"):
+        cache = TokenCache(tmp_path / name, top_k=token_ddp_script.TOP_K)
+        settings = cache.open_reader(expected)
+        assert cache.stored_fraction() == 1.0
+        loaded.append((settings, cache.load(rows, digests, torch.device("cpu"))))
+        cache.close()
+    (ddp_settings, ddp), (single_settings, single) = loaded
+    assert ddp_settings == single_settings  # the same teacher fingerprint and settings
+    for field in ("positions", "indices", "values", "tail"):
+        assert torch.equal(getattr(ddp, field), getattr(single, field)), field
+
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["rows_written"] for r in reports] == [24, 23]
+    assert sum(r["tokens_written"] for r in reports) == len(single.positions)
+    for report in reports:
+        assert report["finished"] and report["world_size"] == 2 and report["ddp"] and report["students_equal"]
+        assert not report["teacher_alive"] and report["connection"] == "CachedTeacher"
+        kd = report["kd_loss"]
+        assert len(kd) == 6 and all(np.isfinite(kd)) and min(kd) > 0  # 2 epochs x 3 batches of 8 per rank

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_distill._indexed import Indexed
-from lightning_distill.teacher._cache_files import prepare_directory
+from lightning_distill.teacher._cache_files import DamagedCacheError, prepare_directory
 from lightning_distill.teacher._runner import TopKTeacher
 from lightning_distill.teacher._token_codec import decode_tokens, encode_tokens, token_dtype
 from lightning_distill.teacher._token_files import (
@@ -32,6 +32,7 @@ from lightning_distill.teacher._token_files import (
     read_shard_meta,
     remove_shard,
     row_checksum,
+    row_heads,
     shard_dirs,
     writer_lock,
 )
@@ -114,9 +115,9 @@ class TokenCache:
         self._end = 0
         self._done: np.ndarray | None = None  # rows stored in any shard, as seen when the writer opened
         # reading: every shard
-        self._table: np.ndarray | None = None
+        self._table: dict[str, np.ndarray] | None = None  # each field of the rows' records, a plain array
         self._table_shard: np.ndarray | None = None
-        self._tokens: list[np.ndarray] = []
+        self._tokens: list[np.ndarray] = []  # per shard: its stored tokens as (tokens, record bytes) uint8
 
     def __repr__(self) -> str:
         return f"TokenCache({str(self.path)!r}, top_k={self.top_k})"
@@ -131,15 +132,17 @@ class TokenCache:
         return None if self._meta is None else dict(self._meta)
 
     # --------------------------------------------------------------------------------------------------- writing
-    def open_writer(self, settings: dict[str, Any], rank: int) -> None:
+    def open_writer(self, settings: dict[str, Any], rank: int, world_size: int = 1) -> None:
         """Open (or create) the shard of global rank ``rank`` for ``settings``, and learn which rows are stored.
 
-        Shards written for other settings are refused, or deleted with ``on_mismatch="rebuild"``; a shard without
-        settings (a writer killed before its first row) is deleted. The rows stored in any matching shard are not
-        written again.
+        Shards written for other settings, or damaged (an unreadable ``meta.json``, a ``samples.bin`` of the wrong
+        size), are refused, or deleted and written anew with ``on_mismatch="rebuild"``: each process deletes only
+        its own shard, and rank 0 those of ranks beyond ``world_size`` (left by a pass with more processes), so no
+        process deletes a shard another one is writing. A shard without settings (a writer killed before its first
+        row) is written anew. The rows stored in any matching shard are not written again.
 
         Raises:
-            ValueError: If a shard was written for other settings and ``on_mismatch="refuse"``.
+            ValueError: If a shard was written for other settings or is damaged, and ``on_mismatch="refuse"``.
             RuntimeError: If another process writes this rank's shard now.
             OSError: If the directory cannot be created or written.
         """
@@ -157,18 +160,12 @@ class TokenCache:
         try:
             done = np.zeros(settings["num_samples"] * settings["views"], dtype=bool)
             for other in shard_dirs(self.path):
-                found = read_shard_meta(other)
-                if found is None:
-                    if other == shard:
-                        remove_shard(other)
-                    continue
-                if differences(found, settings):
-                    if self.on_mismatch == "refuse":
-                        raise ValueError(_mismatch_message(self.path, other, found, settings))
-                    remove_shard(other)
-                    continue
-                if other != shard:
-                    done |= np.asarray(map_samples(other, found, "r")["filled"]) == 1
+                mine = other == shard or (rank == 0 and _shard_rank(other) >= world_size)
+                filled = self._stored_rows(other, settings, rebuild=mine and self.on_mismatch == "rebuild")
+                if filled is None and mine:
+                    remove_shard(other, keep_lock=other == shard)
+                elif filled is not None and other != shard:
+                    done |= filled
             if read_shard_meta(shard) is None:
                 create_shard(shard, settings)
             self._samples = map_samples(shard, settings, "r+")
@@ -180,6 +177,29 @@ class TokenCache:
             self.close()
             raise
         self._meta, self._shard, self._done = settings, shard, done
+
+    def _stored_rows(self, shard: Path, settings: dict[str, Any], rebuild: bool) -> np.ndarray | None:
+        """The rows a shard holds for ``settings``; ``None`` for a shard to write anew (or another's, to leave).
+
+        Raises:
+            ValueError: For a shard of other settings, or a damaged one, unless it is to be rebuilt or to be left
+                (``on_mismatch="rebuild"``: its own process rebuilds it).
+        """
+        try:
+            found = read_shard_meta(shard)
+            if found is None:
+                return None
+            if differences(found, settings):
+                if self.on_mismatch == "refuse":
+                    raise ValueError(_mismatch_message(self.path, shard, found, settings))
+                return None
+            return np.asarray(map_samples(shard, found, "r")["filled"]) == 1
+        except DamagedCacheError:
+            if rebuild or self.on_mismatch == "rebuild":
+                return None
+            raise
+        except FileNotFoundError:  # deleted by its own process while this one looked
+            return None
 
     def missing(self, rows: np.ndarray) -> np.ndarray:
         """Which of ``rows`` no shard held when the writer opened, nor this writer has written since."""
@@ -215,9 +235,10 @@ class TokenCache:
         entries["offset"] = self._end + starts
         entries["count"] = counts
         entries["digest"] = digests
+        data, size, heads = records.view(np.uint8).data, records.dtype.itemsize, row_heads(digests, rows)
         entries["crc"] = [
-            row_checksum(int(d), int(r), records[a:b].tobytes())
-            for d, r, a, b in zip(digests, rows, starts, ends, strict=True)
+            row_checksum(heads[i], data[a * size : b * size])
+            for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True))
         ]
         self._samples[rows] = entries  # filled 0: the flag comes last
         self._samples["filled"][rows] = 1
@@ -273,8 +294,10 @@ class TokenCache:
             samples = np.asarray(map_samples(shard, shard_meta, "r"))
             take = (samples["filled"] == 1) & (owner < 0)
             table[take], owner[take] = samples[take], number
-            self._tokens.append(np.asarray(map_tokens(shard, shard_meta)))
-        self._meta, self._table, self._table_shard = meta, table, owner
+            tokens = np.asarray(map_tokens(shard, shard_meta))
+            self._tokens.append(tokens.view(np.uint8).reshape(len(tokens), tokens.dtype.itemsize))  # rows of bytes
+        self._meta, self._table_shard = meta, owner
+        self._table = {name: np.ascontiguousarray(table[name]) for name in ("offset", "count", "digest", "crc")}
         return dict(meta)
 
     def stored_fraction(self) -> float:
@@ -303,18 +326,12 @@ class TokenCache:
                 f"Token cache {str(self.path)!r} holds no teacher distributions for {len(absent)} of {len(rows)} "
                 f"samples of this batch ({_describe_rows(absent, self._meta['views'])}). {_MISSING_HINT}"
             )
-        entries = self._table[rows]
-        parts, bad = [], []
-        for row, shard, entry in zip(rows, owner, entries, strict=True):
-            start = int(entry["offset"])
-            data = self._tokens[shard][start : start + int(entry["count"])]
-            if len(data) != int(entry["count"]) or row_checksum(int(entry["digest"]), int(row), data) != entry["crc"]:
-                bad.append(int(row))
-            parts.append(data)
-        if bad:
+        entries = {name: values[rows] for name, values in self._table.items()}
+        records, bad = self._gather(rows, owner, entries)
+        if bad.any():
             raise ValueError(
-                f"Token cache {str(self.path)!r}: rows {bad[:5]} fail their checksum "
-                f"({_describe_rows(np.array(bad), self._meta['views'])}; it covers each row's tokens, inputs digest "
+                f"Token cache {str(self.path)!r}: rows {rows[bad][:5].tolist()} fail their checksum "
+                f"({_describe_rows(rows[bad], self._meta['views'])}; it covers each row's tokens, inputs digest "
                 "and row number): the files are corrupted or truncated, or rows were moved within them. HINT: delete "
                 "the cache directory and run the pre-pass again."
             )
@@ -327,19 +344,46 @@ class TokenCache:
                 "pads a sample differently (pad on the right, with zeros, or to a fixed length). HINT: run the "
                 "pre-pass again into a new directory (or with `on_mismatch='rebuild'` after deleting this one)."
             )
-        records = np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
         values, indices, tail = decode_tokens(records, device)
-        counts = torch.from_numpy(entries["count"].astype(np.int64))
-        batch_row = torch.repeat_interleave(torch.arange(len(rows)), counts)
-        position = torch.from_numpy(records["position"].astype(np.int64))
+        where = np.empty((len(records), 2), dtype=np.int64)  # (row of the batch, position) of every token
+        where[:, 0] = np.repeat(np.arange(len(rows)), entries["count"].astype(np.int64))
+        where[:, 1] = records["position"]
         return TopKTeacher(
             values=values,
             indices=indices,
             tail=tail,
             temperature=float(self._meta["temperature"]),
-            positions=torch.stack([batch_row, position], dim=1).to(device),
+            positions=torch.from_numpy(where).to(device),
             num_classes=int(self._meta["vocab"]),
         )
+
+    def _gather(
+        self, rows: np.ndarray, owner: np.ndarray, entries: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' stored tokens, concatenated in row order (one gather per shard), and which rows fail their CRC."""
+        counts = entries["count"].astype(np.int64)
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        size = self._tokens[0].shape[1]
+        raw = np.empty((int(ends[-1]) if len(ends) else 0, size), dtype=np.uint8)  # the records' bytes, row by row
+        bad = np.zeros(len(rows), dtype=bool)
+        for shard in np.unique(owner):
+            tokens, mine = self._tokens[int(shard)], owner == shard
+            bad |= mine & (entries["offset"] + counts > len(tokens))  # past the end of a truncated tokens.bin
+            take = mine & ~bad
+            # a row's tokens are contiguous on both sides: token j of row i is at offset_i + j in the shard and at
+            # start_i + j in the batch; `within` is j for every token of the taken rows, in order
+            n = counts[take]
+            within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+            raw[np.repeat(starts[take], n) + within] = np.take(
+                tokens, np.repeat(entries["offset"][take], n) + within, 0
+            )
+        data, heads = raw.reshape(-1).data, row_heads(entries["digest"], rows)
+        stored = entries["crc"].tolist()
+        for i, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            bad[i] |= row_checksum(heads[i], data[start * size : end * size]) != stored[i]
+        assert self._meta is not None
+        return raw.view(token_dtype(self._meta["top_k"], self._meta["vocab"])).reshape(-1), bad
 
     # --------------------------------------------------------------------------------------------------- batches
     def rows(self, batch: Any, num_samples: int, views: int) -> np.ndarray:
@@ -363,6 +407,11 @@ class TokenCache:
                 f"{index[bad][:5].tolist()}, view {view[bad][:5].tolist()}."
             )
         return index * views + view
+
+
+def _shard_rank(shard: Path) -> int:
+    """The rank in a shard directory's name (``shard-00003``: 3)."""
+    return int(shard.name.removeprefix("shard-"))
 
 
 def _describe_rows(rows: np.ndarray, views: int) -> str:

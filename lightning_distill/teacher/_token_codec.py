@@ -4,8 +4,9 @@ A position's distribution :math:`p = \mathrm{softmax}(z / T)` is kept as its k m
 (indices in the narrowest unsigned type the vocabulary needs), their log-probabilities :math:`v_1 \ge \dots \ge v_k`
 on 8 bits, and the log of the tail mass :math:`m = 1 - \sum_{i \in K} p_i` in float16:
 
-- ``top`` is :math:`v_1` in float16, rounded up; ``step`` is :math:`(\mathrm{top} - \max(v_k, \mathrm{top} - R)) / 254`
-  in float16, rounded up (:math:`R = 40` nats);
+- ``top`` is :math:`v_1` in float16, rounded up; ``step`` is :math:`(\mathrm{top} - v_\mathrm{low}) / 254` in
+  float16, rounded up, :math:`v_\mathrm{low}` the smallest :math:`v_i` within :math:`R = 40` nats of the top (so a
+  masked class among the k does not coarsen the others);
 - :math:`q_i = \mathrm{round}((\mathrm{top} - v_i) / \mathrm{step}) \in [0, 254]`, and :math:`q_i = 255` for a class
   below :math:`\mathrm{top} - R` (its probability is under :math:`e^{-40} p_1`: stored as exactly zero);
 - decoded, :math:`\hat v_i = \mathrm{top} - q_i \,\mathrm{step}` and :math:`\log \hat m` are renormalized together
@@ -19,8 +20,9 @@ log space,
     |\hat v_i - v_i| \le \delta_i = \mathrm{step} / 2, \qquad
     |\log \hat m - \log m| \le \delta_{\mathrm{tail}} = 2^{-11} |\log m|
 
-(``step`` is at most :math:`(v_1 - v_k) / 254` plus float16 rounding, and at most :math:`40 / 254`; a zero tail is
-stored exactly). Renormalizing divides by :math:`Z = \sum_j p_j e^{\epsilon_j}`, :math:`|\epsilon_j| \le \delta_j`, so
+(``step`` is at most :math:`(v_1 - v_\mathrm{low}) / 254` plus float16 rounding, and at most :math:`40 / 254`; a
+zero tail is stored exactly; on top of these comes the float32 rounding of the log-probabilities themselves, about
+:math:`2^{-24} (1 + |\log p_j|)` a bucket, which matters only where ``step`` is 0). Renormalizing divides by :math:`Z = \sum_j p_j e^{\epsilon_j}`, :math:`|\epsilon_j| \le \delta_j`, so
 :math:`|\log Z| \le \zeta = \log \sum_j p_j e^{\delta_j}` (a mass-weighted error: a negligible tail stored coarsely
 hardly counts) and the decoded buckets satisfy :math:`|\log \hat p_j - \log p_j| \le \delta_j + \zeta`. For a
 student :math:`s`, the top-k KL of :mod:`~lightning_distill.losses.functional.topk` then moves by at most
@@ -108,12 +110,13 @@ def encode_tokens(logits: Tensor, top_k: int, temperature: float) -> dict[str, n
     log_p = torch.log_softmax(z / temperature, dim=-1)
     values, indices = log_p.topk(top_k, dim=-1)
     if top_k < vocab:
-        log_tail = torch.logsumexp(log_p.scatter(-1, indices, float("-inf")), dim=-1)
+        log_tail = torch.logsumexp(log_p.scatter_(-1, indices, float("-inf")), dim=-1)  # log_p is ours: in place
     else:
         log_tail = values.new_full(values.shape[:-1], float("-inf"))
     values = values.clamp(min=LOG_ZERO)
     top = _round_up_half(values[:, 0])
-    low = torch.maximum(values[:, -1], top.float() - RANGE)
+    kept = values >= top.float().unsqueeze(-1) - RANGE  # the classes stored with a value (the top always)
+    low = torch.where(kept, values, top.float().unsqueeze(-1)).amin(-1)
     step = _round_up_half((top.float() - low) / _LEVELS)
     gaps = top.float().unsqueeze(-1) - values
     safe = torch.where(step > 0, step, torch.ones_like(step)).float().unsqueeze(-1)
@@ -131,19 +134,28 @@ def encode_tokens(logits: Tensor, top_k: int, temperature: float) -> dict[str, n
 def decode_tokens(records: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """``(log-probabilities (N, k), indices (N, k), tail mass (N,))`` of stored records, renormalized, on ``device``.
 
-    Classes stored as zero decode to :data:`~lightning_distill.losses.functional._common.LOG_ZERO`.
+    Classes stored as zero decode to :data:`~lightning_distill.losses.functional._common.LOG_ZERO`. Computed in
+    NumPy (a few microseconds at batch sizes, where each torch call costs more), then moved.
     """
-    codes = torch.from_numpy(np.ascontiguousarray(records["codes"])).to(device)
-    top = torch.from_numpy(np.ascontiguousarray(records["top"])).to(device).float()
-    step = torch.from_numpy(np.ascontiguousarray(records["step"])).to(device).float()
-    log_tail = torch.from_numpy(np.ascontiguousarray(records["log_tail"])).to(device).float()
-    indices = torch.from_numpy(np.ascontiguousarray(records["indices"]).astype(np.int64)).to(device)
-    values = top.unsqueeze(-1) - codes.float() * step.unsqueeze(-1)
-    values = values.masked_fill(codes == _ZERO, LOG_ZERO)
-    log_z = torch.logsumexp(torch.cat([values, log_tail.unsqueeze(-1)], dim=-1), dim=-1, keepdim=True)
-    values = (values - log_z).clamp(min=LOG_ZERO)
-    tail = (log_tail - log_z.squeeze(-1)).exp()
-    return values, indices, tail
+    codes = records["codes"]
+    top = records["top"].astype(np.float32)[:, None]
+    log_tail = records["log_tail"].astype(np.float32)
+    values = top - codes.astype(np.float32) * records["step"].astype(np.float32)[:, None]
+    values[codes == _ZERO] = LOG_ZERO
+    # log Z of the k + 1 buckets, shifted by the largest of them (the top, or the tail when it is larger)
+    shift = np.maximum(values[:, 0], log_tail)
+    with np.errstate(under="ignore"):
+        z = np.exp(values - shift[:, None]).sum(-1) + np.exp(log_tail - shift)
+        log_z = shift + np.log(z)
+        values = np.maximum(values - log_z[:, None], LOG_ZERO)
+        values[codes == _ZERO] = LOG_ZERO  # exactly the floor (LOG_ZERO - log Z is not, when Z < 1)
+        tail = np.exp(log_tail - log_z)
+    indices = records["indices"].astype(np.int64)
+    return (
+        torch.from_numpy(values).to(device),
+        torch.from_numpy(indices).to(device),
+        torch.from_numpy(tail).to(device),
+    )
 
 
 def error_radius(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -56,7 +56,7 @@ def shard_dirs(directory: Path) -> list[Path]:
     """The shard directories of a cache, by rank."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.glob("shard-*") if p.is_dir())
+    return sorted(p for p in directory.glob("shard-*") if p.is_dir() and p.name[6:].isdigit())
 
 
 def read_shard_meta(shard: Path) -> dict[str, Any] | None:
@@ -133,11 +133,24 @@ def create_shard(shard: Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, shard / "meta.json")
 
 
-def remove_shard(shard: Path) -> None:
-    """Delete a shard (``meta.json`` first, so that it reads as absent)."""
+def remove_shard(shard: Path, keep_lock: bool = False) -> None:
+    """Delete a shard (``meta.json`` first, so that it reads as absent).
+
+    With ``keep_lock`` (the shard this process writes, its lock held) the directory and its ``.lock`` stay: a lock
+    on a deleted file would lock nothing, and a second writer would create and lock another ``.lock``.
+    """
     with contextlib.suppress(FileNotFoundError):
         (shard / "meta.json").unlink()
-    shutil.rmtree(shard, ignore_errors=True)
+    if not keep_lock:
+        shutil.rmtree(shard, ignore_errors=True)
+        return
+    for entry in shard.iterdir():
+        if entry.name == ".lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def open_tokens_for_append(shard: Path, samples: np.ndarray, itemsize: int) -> IO[bytes]:
@@ -173,7 +186,14 @@ def writer_lock(shard: Path) -> Iterator[IO[str]]:
         handle.close()
 
 
-def row_checksum(digest: int, row: int, data: Any) -> int:
-    """CRC-32 of a row's inputs digest, its row number and its tokens' bytes."""
-    head = np.array([digest], dtype="<u8").tobytes() + np.array([row], dtype="<i8").tobytes()
+def row_heads(digests: np.ndarray, rows: np.ndarray) -> list[bytes]:
+    """What each row's CRC starts from: its inputs digest and its row number, 16 little-endian bytes."""
+    heads = np.empty(len(rows), dtype=[("digest", "<u8"), ("row", "<i8")])
+    heads["digest"], heads["row"] = digests, rows
+    raw = heads.tobytes()
+    return [raw[i : i + 16] for i in range(0, len(raw), 16)]
+
+
+def row_checksum(head: bytes, data: Any) -> int:
+    """CRC-32 of a row's head (:func:`row_heads`) followed by its tokens' bytes."""
     return zlib.crc32(data, zlib.crc32(head))

@@ -172,7 +172,7 @@ class TokenCachePass(L.LightningModule):
                 self.shift_labels,
                 self.ignore_index,
             )
-            self.cache.open_writer(settings, self.trainer.global_rank)
+            self.cache.open_writer(settings, self.trainer.global_rank, self.trainer.world_size)
         digests = input_digests(inputs, len(rows))
         if digests is None:
             raise ValueError(
@@ -203,6 +203,25 @@ class TokenCachePass(L.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         return None
+
+    @override
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A callback that closes the writer (releasing the shard's lock) when the pass fails outside its step."""
+        return [_CloseOnFailure(self.cache)]
+
+
+class _CloseOnFailure(L.Callback):
+    """Closes a failed pre-pass's writer, releasing the shard's lock for the next pass of this process.
+
+    Lightning calls no module hook when the pass fails outside its step (a DataLoader raising), only callbacks'.
+    """
+
+    def __init__(self, cache: TokenCache) -> None:
+        self.cache = cache
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.cache.close()
 
 
 def _predict_dataset(trainer: L.Trainer) -> Any:
