@@ -31,15 +31,7 @@ class DistillCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        for path in _teacher_checkpoints(config.get("trainer", {}).get("callbacks")):
-            if not Path(path).is_file():
-                writer = _config_that_writes(path, [Path(str(c)) for c in config.get("config") or []])
-                hint = (
-                    f"run `lightning-distill fit --config {writer}` first, it writes it"
-                    if writer is not None
-                    else "train the teacher first, or point the TeacherRunner's `checkpoint` at an existing checkpoint"
-                )
-                raise SystemExit(f"lightning-distill: the teacher checkpoint {path} does not exist: {hint}.")
+        check_teacher_checkpoints(config, config.get("trainer", {}).get("callbacks"))
 
     def after_fit(self) -> None:
         """Print the final validation metrics and the path of the checkpoint ``fit`` saved (process 0 only)."""
@@ -56,17 +48,40 @@ class DistillCLI(LightningCLI):
         print(f"Checkpoint: {path}" if path else "Checkpoint: none saved (no ModelCheckpoint callback)")
 
 
-def _teacher_checkpoints(callbacks: Any) -> list[str]:
-    """The teacher checkpoint paths set in the parsed ``trainer.callbacks``.
+def check_teacher_checkpoints(config: Any, holders: Any) -> None:
+    """Stop with a one-line message if a teacher checkpoint set in ``holders`` does not exist.
 
-    A ``DistillationCallback``'s teacher is a ``TeacherRunner`` whose ``checkpoint`` is the path, or (deprecated)
-    the callback's own ``teacher_checkpoint``.
+    Args:
+        config: The parsed config (of the subcommand): its ``config`` entry lists the YAML files given, beside which
+            the message looks for the one whose ``ModelCheckpoint`` writes the missing file.
+        holders: Parsed components that may hold a teacher (see :func:`_teacher_checkpoints`).
+
+    Raises:
+        SystemExit: Naming the missing checkpoint and the ``lightning-distill fit --config ...`` that writes it.
     """
-    if callbacks is None:
+    for path in _teacher_checkpoints(holders):
+        if not Path(path).is_file():
+            writer = _config_that_writes(path, [Path(str(c)) for c in config.get("config") or []])
+            hint = (
+                f"run `lightning-distill fit --config {writer}` first, it writes it"
+                if writer is not None
+                else "train the teacher first, or point the TeacherRunner's `checkpoint` at an existing checkpoint"
+            )
+            raise SystemExit(f"lightning-distill: the teacher checkpoint {path} does not exist: {hint}.")
+
+
+def _teacher_checkpoints(holders: Any) -> list[str]:
+    """The teacher checkpoint paths set in parsed components: ``trainer.callbacks``, or a ``TokenCachePass`` model.
+
+    A component (a ``DistillationCallback``, the pre-pass) holds its teacher in ``init_args.teacher``: a
+    ``TeacherRunner`` whose ``checkpoint`` is the path, or (deprecated, the callback only) a network beside the
+    component's own ``teacher_checkpoint``.
+    """
+    if holders is None:
         return []
     found: list[str] = []
-    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        init_args = getattr(callback, "init_args", None)
+    for holder in holders if isinstance(holders, list) else [holders]:
+        init_args = getattr(holder, "init_args", None)
         if init_args is None:
             continue
         teacher = init_args.get("teacher")

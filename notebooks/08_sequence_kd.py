@@ -31,7 +31,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_distill import DistillationCallback, DistillModule, TeacherMixture, TeacherOutputs
+from lightning_distill import (
+    CachedTeacher,
+    DistillationCallback,
+    DistillModule,
+    IndexedDataset,
+    TeacherMixture,
+    TeacherOutputs,
+    TokenCache,
+    TokenCachePass,
+)
 from lightning_distill.demos import MarkovDataset, MarkovLanguage, TinyCausalLM
 from lightning_distill.demos.loggers import logged_trainer, read_metric, where_logs_are
 
@@ -96,13 +105,13 @@ def trainer(name: str, epochs: int, callbacks: list[L.Callback], **kwargs: objec
 def fit_lm(
     name: str,
     make_model: Callable[[], nn.Module],
-    data: MarkovDataset,
+    data: MarkovDataset | IndexedDataset,
     epochs: int,
-    callback: DistillationCallback | None = None,
+    callback: L.Callback | None = None,
     seed: int = 0,
     **module_kwargs: object,
 ) -> tuple[DistillModule, L.Trainer]:
-    """Train ``make_model()`` on ``data``: alone, or distilled (alpha 0.5, T 1) through ``callback``."""
+    """Train ``make_model()`` on ``data``: alone, or distilled (alpha 0.5, T 1) through ``callback`` (a teacher's)."""
     L.seed_everything(seed, verbose=False)  # same initial weights and batches for every variant of a seed
     module = DistillModule(
         student=make_model(),
@@ -350,6 +359,51 @@ else:
 assert "class counts differ (64 vs 80); nothing is truncated" in str(mismatch)
 
 # %% [markdown]
+# ## Pay for the teacher once: a token cache
+#
+# For a large language model the teacher's forward is the cost of distillation, and it is the same in every epoch.
+# `TokenCachePass` runs the teacher once over the training set under `Trainer.predict` (on every device of a DDP run,
+# each process writing its own shard) and stores, for every position the loss counts, the top-16 next-token
+# log-probabilities on 8 bits, their token ids, and the remaining mass: 58 bytes a token here. `CachedTeacher` then
+# trains the student from the cache alone: the teacher is never built in that fit. The training set is wrapped in
+# `IndexedDataset` so that every batch says which samples it holds; each row is checked against its checksum and
+# against a digest of the inputs it was computed from. The fits below use the same seeds, initial weights and batches
+# as the online `"kl"` runs above, so the only difference is where the teacher's distributions come from.
+
+# %%
+cached_data = IndexedDataset(student_data)
+cache = TokenCache(OUTPUT / "token_cache", top_k=16, on_mismatch="rebuild")
+pre_pass = TokenCachePass(teacher, cache, temperature=TEMPERATURE, shift_labels=True)
+L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(
+    pre_pass, DataLoader(cached_data, batch_size=64), return_predictions=False
+)
+stored = sum(f.stat().st_size for f in (OUTPUT / "token_cache").glob("shard-*/*.bin"))
+tokens = pre_pass.tokens_written
+print(
+    f"pre-pass: {pre_pass.rows_written} sequences, {tokens} tokens, {stored / tokens:.1f} bytes a token on disk, "
+    f"{tokens / pre_pass.seconds:,.0f} tokens/s"
+)
+again = TokenCachePass(teacher, cache, temperature=TEMPERATURE, shift_labels=True)  # a resumed or repeated pass
+L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(
+    again, DataLoader(cached_data, batch_size=64), return_predictions=False
+)
+assert again.rows_written == 0 and stored / tokens <= 64
+
+ppl["distilled from the top-16 cache"] = []
+for seed in SEEDS:
+    callback = CachedTeacher(TokenCache(OUTPUT / "token_cache", top_k=16))
+    module, run = fit_lm(f"token_cache_seed{seed}", student, cached_data, STUDENT_EPOCHS, callback, seed)
+    ppl["distilled from the top-16 cache"].append(perplexity(module.export_student()))
+online, cached = ppl["distilled, kl"], ppl["distilled from the top-16 cache"]
+print(f"held-out perplexity, online kl: {mean_std(online)}; from the cache: {mean_std(cached)}")
+if not QUICK:  # within noise of the online teacher: the seeds' spread, not the cache, decides
+    assert abs(statistics.mean(cached) - statistics.mean(online)) < 2 * max(statistics.stdev(online), 0.01)
+
+# %% [markdown]
+# The same from the command line: `lightning-distill cache --config teacher_cache.yaml` runs the pre-pass (add
+# `--trainer.devices 2 --trainer.strategy ddp` for two processes), `lightning-distill fit --config
+# distill_from_cache.yaml` trains from it (see `configs/markov_cache.yaml` and `configs/markov_from_cache.yaml`).
+#
 # ## What to take away
 #
 # - Causal LMs need only `shift_labels=True`; dict batches with `attention_mask` and `-100` labels are masked in both
@@ -358,3 +412,5 @@ assert "class counts differ (64 vs 80); nothing is truncated" in str(mismatch)
 #   without changing the loss.
 # - `DistillationCallback(TeacherMixture({...}, weights={...}))` distills from a weighted mixture of teachers that
 #   share a vocabulary.
+# - A teacher you pay for once: `TokenCachePass` under `Trainer.predict` writes its top-k distributions (58 bytes a
+#   token at k = 16), `CachedTeacher(TokenCache(path))` trains from them without loading it.

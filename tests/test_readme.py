@@ -7,8 +7,9 @@ The convention (README's "Development" section says it too):
 - The objects a block assumes the reader already has are given as small stand-ins (``STAND_INS`` below: ``teacher``,
   ``dm``, ``my_net``, ...), and a ``teacher.ckpt`` of the stand-in teacher lies in the working folder. Nothing else
   is given: a missing import fails.
-- Every ``Trainer(...)`` must say when it stops (``max_epochs`` or ``max_steps``; Lightning's default is 1000
-  epochs); the quick switch then trains it for one epoch of two batches on CPU.
+- Every ``Trainer(...)`` that fits must say when it stops (``max_epochs`` or ``max_steps``; Lightning's default is
+  1000 epochs); the quick switch then trains it for one epoch of two batches on CPU (a prediction runs whole: a
+  pre-pass must fill its cache).
 - A block that cannot run (an excerpt, a class body with ``...``, placeholders for user data) has the line
   ``<!-- snippet: illustrative -->`` right before its fence: it is only compiled. So is a block that shows an
   ``examples/*.py`` file verbatim: that file is run by its own tests (``tests/test_distiller.py``, which also checks
@@ -148,11 +149,8 @@ class QuickTrainer(L.Trainer):
     """The quick switch: a README ``Trainer`` must say when it stops; it then trains 1 epoch of 2 batches on CPU."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if not {"max_epochs", "max_steps"} & kwargs.keys():
-            raise AssertionError(
-                "A README Trainer without max_epochs or max_steps trains for Lightning's default of 1000 epochs: "
-                f"Trainer({', '.join(kwargs)})."
-            )
+        self._stops = bool({"max_epochs", "max_steps"} & kwargs.keys())
+        self._given = ", ".join(kwargs)
         kwargs.update(
             accelerator="cpu",
             devices=1,
@@ -161,7 +159,6 @@ class QuickTrainer(L.Trainer):
             limit_train_batches=2,
             limit_val_batches=2,
             limit_test_batches=2,
-            limit_predict_batches=2,
             log_every_n_steps=1,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -169,6 +166,14 @@ class QuickTrainer(L.Trainer):
         )
         kwargs.setdefault("logger", False)
         super().__init__(*args, **kwargs)
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        if not self._stops:  # a Trainer that only predicts, validates or tests needs no stopping rule
+            raise AssertionError(
+                "A README Trainer without max_epochs or max_steps trains for Lightning's default of 1000 epochs: "
+                f"Trainer({self._given})."
+            )
+        super().fit(*args, **kwargs)
 
 
 def test_blocks_are_found_and_markers_sit_right_before_a_python_fence() -> None:

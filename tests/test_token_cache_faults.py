@@ -544,7 +544,7 @@ def test_5_without_the_callbacks_batch_hooks_there_is_no_teacher_to_run(referenc
 
 
 def test_5_a_fit_with_feature_maps_is_refused_at_setup(reference: Path) -> None:
-    with pytest.raises(ValueError, match="stores the teacher.s outputs only, but the module has feature maps"):
+    with pytest.raises(ValueError, match="stores the teacher's outputs only, but the module has feature maps"):
         _fit(reference, feature_maps=[{"student": "blocks.0", "teacher": "blocks.0"}])
 
 

@@ -5,6 +5,7 @@ As ``lightning.pytorch.demos`` for Lightning, nothing in the library imports thi
 """
 
 from lightning_distill.demos.markov import MarkovDataset, MarkovLanguage
+from lightning_distill.demos.markov_data import MarkovDataModule
 from lightning_distill.demos.markov_eval import evaluate_generations, next_token_nll
 from lightning_distill.demos.mnist1d import MNIST1DDataModule
 from lightning_distill.demos.models import MLPStudent, MNIST1DDeepCNN, MNIST1DTeacher
@@ -17,6 +18,7 @@ __all__ = [
     "MNIST1DDataModule",
     "MNIST1DDeepCNN",
     "MNIST1DTeacher",
+    "MarkovDataModule",
     "MarkovDataset",
     "MarkovLanguage",
     "TinyCausalLM",

@@ -22,9 +22,10 @@ log space,
 
 (``step`` is at most :math:`(v_1 - v_\mathrm{low}) / 254` plus float16 rounding, and at most :math:`40 / 254`; a
 zero tail is stored exactly; on top of these comes the float32 rounding of the log-probabilities themselves, about
-:math:`2^{-24} (1 + |\log p_j|)` a bucket, which matters only where ``step`` is 0). Renormalizing divides by :math:`Z = \sum_j p_j e^{\epsilon_j}`, :math:`|\epsilon_j| \le \delta_j`, so
-:math:`|\log Z| \le \zeta = \log \sum_j p_j e^{\delta_j}` (a mass-weighted error: a negligible tail stored coarsely
-hardly counts) and the decoded buckets satisfy :math:`|\log \hat p_j - \log p_j| \le \delta_j + \zeta`. For a
+:math:`2^{-24} (1 + |\log p_j|)` a bucket, which matters only where ``step`` is 0). Renormalizing divides by
+:math:`Z = \sum_j p_j e^{\epsilon_j}`, :math:`|\epsilon_j| \le \delta_j`, so
+:math:`|\log Z| \le \zeta = \log \sum_j p_j e^{\delta_j}` (a mass-weighted error: a negligible tail stored
+coarsely hardly counts) and the decoded buckets satisfy :math:`|\log \hat p_j - \log p_j| \le \delta_j + \zeta`. For a
 student :math:`s`, the top-k KL of :mod:`~lightning_distill.losses.functional.topk` then moves by at most
 
 .. math::

@@ -132,10 +132,16 @@ class TokenCachePass(L.LightningModule):
         self._size = (len(dataset), int(getattr(dataset, "views", 1)))
 
     @override
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Run the teacher on a batch with missing rows and store them; skip a batch whose rows are all stored."""
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> int:
+        """Run the teacher on a batch with missing rows and store them (skip a batch whose rows are all stored).
+
+        Returns:
+            The number of tokens written for the batch (0 for a skipped one).
+        """
+        written = self.tokens_written
         try:
             self._store(batch)
+            return self.tokens_written - written
         except BaseException:
             self.cache.close()  # releases the shard's lock; what was written stays, the next pass writes the rest
             raise
@@ -195,8 +201,8 @@ class TokenCachePass(L.LightningModule):
         self.seconds = time.perf_counter() - self._started
         rate = self.tokens_written / self.seconds if self.seconds > 0 else float("nan")
         rank_zero_info(
-            f"TokenCachePass (rank 0): {self.rows_written} samples, {self.tokens_written} tokens written to "
-            f"{str(self.cache.path)!r} in {self.seconds:.1f} s ({rate:,.0f} tokens/s; teacher forward "
+            f"TokenCachePass (rank 0, its own shard): {self.rows_written} samples, {self.tokens_written} tokens "
+            f"written to {str(self.cache.path)!r} in {self.seconds:.1f} s ({rate:,.0f} tokens/s; teacher forward "
             f"{self.teacher_seconds:.1f} s); {self.batches_skipped} batches already stored."
         )
 
