@@ -75,6 +75,7 @@ BENCHMARKS = (
     Benchmark("sequence", (), "0-2 (students), chain seed 0"),
     Benchmark("quantization", (), "0-2, data seed 42"),
     Benchmark("on_policy", (), "0-2 (students), chain seed 0"),
+    Benchmark("token_cache", (), "0-2 (students), chain seed 0"),
 )
 NAMES = tuple(b.name for b in BENCHMARKS)
 

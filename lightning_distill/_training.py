@@ -133,6 +133,7 @@ _QUIET_CALLBACKS: frozenset[type[L.Callback]] = frozenset(
 _QUIET_OWN_CALLBACKS = frozenset(
     {
         ("lightning_distill.callback", "DistillationCallback"),
+        ("lightning_distill.cached_teacher", "CachedTeacher"),
         ("lightning_distill.quantization._qat", "FreezeQuantization"),
     }
 )

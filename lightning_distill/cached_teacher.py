@@ -8,9 +8,8 @@ import lightning as L
 from typing_extensions import override
 
 from lightning_distill._contract import TeacherClient, TeacherConnection, TeacherRequest
-from lightning_distill.teacher._digest import input_digests
 from lightning_distill.teacher._runner import TeacherOutputs
-from lightning_distill.teacher._token_cache import TokenCache
+from lightning_distill.teacher._token_cache import TokenCache, token_digests
 
 __all__ = ["CachedTeacher"]
 
@@ -24,7 +23,7 @@ class CachedTeacher(L.Callback):
     term; the teacher is never built or loaded. Validation and test log the student's metrics only (there is no
     teacher to score). The cache must have been written by :class:`~lightning_distill.TokenCachePass` for this
     training set (the same length and views), the module's ``shift_labels``, ``ignore_index`` and (constant)
-    temperature, and ``divergence="kl"``; every batch must be :class:`~lightning_distill.Indexed`.
+    temperature, and ``divergence="kl"``; every batch must be :class:`~lightning_distill.teacher.Indexed`.
 
     Args:
         cache: The :class:`~lightning_distill.TokenCache` to read.
@@ -104,7 +103,7 @@ class CachedTeacher(L.Callback):
                 f"use temperature={self._temperature}."
             )
         rows = self.cache.rows(batch, *self._size)
-        digests = input_digests(request.inputs, len(rows))
+        digests = token_digests(request.inputs, len(rows))
         if digests is None:
             raise ValueError(
                 "The teacher's inputs hold no batch-first tensor, so cached rows cannot be checked against them. "

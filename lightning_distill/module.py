@@ -248,16 +248,18 @@ class DistillModule(FactoryModule):
         """
         if connection is not None:
             if self._teacher is not None and self._teacher.run != connection.run:
+                cached = "CachedTeacher" in self._teacher.owner + connection.owner  # it stands in for the callback
+                hint = "keep one of them." if cached else "pass several teachers as one `TeacherMixture({...})`."
                 raise RuntimeError(
                     f"{type(self).__name__} already learns from the teacher of {self._teacher.owner}; "
-                    f"{connection.owner} would replace it silently. HINT: pass several teachers as one "
-                    "`TeacherMixture({'a': teacher_a, 'b': teacher_b})`."
+                    f"{connection.owner} would replace it silently. HINT: {hint}"
                 )
             self.objective.check_teacher(connection)
             if self.on_policy is not None and connection.cached:
                 raise ValueError(
                     "On-policy distillation samples new sequences every step, so a TeacherCache can never hold the "
-                    "teacher's outputs for them. HINT: remove `cache=` from DistillationCallback."
+                    "teacher's outputs for them. HINT: remove `cache=` from DistillationCallback, or use "
+                    "DistillationCallback(teacher) instead of CachedTeacher."
                 )
         self._teacher = connection
 

@@ -364,7 +364,8 @@ assert "class counts differ (64 vs 80); nothing is truncated" in str(mismatch)
 # For a large language model the teacher's forward is the cost of distillation, and it is the same in every epoch.
 # `TokenCachePass` runs the teacher once over the training set under `Trainer.predict` (on every device of a DDP run,
 # each process writing its own shard) and stores, for every position the loss counts, the top-16 next-token
-# log-probabilities on 8 bits, their token ids, and the remaining mass: 58 bytes a token here. `CachedTeacher` then
+# log-probabilities on 8 bits, their token ids, and the remaining mass: 42 bytes a token here (one byte a token id for
+# this 64-token vocabulary; 58 for GPT-2's 50 257). `CachedTeacher` then
 # trains the student from the cache alone: the teacher is never built in that fit. The training set is wrapped in
 # `IndexedDataset` so that every batch says which samples it holds; each row is checked against its checksum and
 # against a digest of the inputs it was computed from. The fits below use the same seeds, initial weights and batches
@@ -400,9 +401,9 @@ if not QUICK:  # within noise of the online teacher: the seeds' spread, not the 
     assert abs(statistics.mean(cached) - statistics.mean(online)) < 2 * max(statistics.stdev(online), 0.01)
 
 # %% [markdown]
-# The same from the command line: `lightning-distill cache --config teacher_cache.yaml` runs the pre-pass (add
-# `--trainer.devices 2 --trainer.strategy ddp` for two processes), `lightning-distill fit --config
-# distill_from_cache.yaml` trains from it (see `configs/markov_cache.yaml` and `configs/markov_from_cache.yaml`).
+# The same from the command line: `lightning-distill cache --config configs/markov_cache.yaml` runs the pre-pass
+# (add `--trainer.devices 2 --trainer.strategy ddp` for two processes), `lightning-distill fit --config
+# configs/markov_from_cache.yaml` trains from it; `configs/markov_teacher.yaml` trains the teacher they load.
 #
 # ## What to take away
 #

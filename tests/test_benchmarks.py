@@ -142,6 +142,41 @@ def test_on_policy_quick_runs_and_prints_every_table(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_token_cache_quick_runs_and_prints_every_table(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = run_quick("token_cache.py", "--plot", str(tmp_path / "x.png"))
+    assert out.startswith(
+        "## Token-level teacher cache (TokenCache, top-16): `python benchmarks/token_cache.py --quick"
+    )
+    for title in ("### 1. Size", "### 2. Fidelity", "### 3. Quality", "### 4. Speed", "### 5. Pre-pass throughput"):
+        assert title in out
+    assert (
+        "| pre-pass | vocabulary | tokens stored | tokens a sample | bytes a token (tokens.bin + samples.bin) |" in out
+    )
+    for vocab in (
+        "| 64 | uint8 | 42 |",
+        "| 50257 | uint16 | 58 |",
+        "| 65536 | uint16 | 58 |",
+        "| 128256 | uint32 | 90 |",
+    ):
+        assert vocab in out
+    assert "| setting | positions | median top-16 mass | mean full KL (nats) |" in out
+    for row in ("| random logits, V = 50257, scale 6 (peaked) |", "| random logits, V = 50257, scale 3 (flatter) |"):
+        assert row in out
+    assert out.count("| Markov teacher, student ") == 2
+    assert "| model | held-out perplexity (mean ± std) | per seed | vs online, per seed |" in out
+    for row in ("| student alone |", "| distilled online (full logits) |", "| distilled from the cache (top-16) |"):
+        assert row in out
+    assert "| student | variant | median ms a step |" in out and out.count("<= 1.10x: **") == 4
+    assert "| teacher | stored tokens | forward loop, tokens/s |" in out
+    assert "| Markov TinyCausalLM" in out and "| GPT-2 from config" in out
+    # 3 vocabularies and the size target; the step-time target of 2 students, in the table and the verdicts
+    assert out.count("**met**") + out.count("**NOT met**") == 3 + 1 + 2 + 2
+    assert "**within noise**" in out or "**NOT within noise**" in out
+    assert_plotted(out, tmp_path / "x.png")
+
+
+@pytest.mark.slow
 def test_gpu_model_quick_runs_on_cpu_and_prints_the_table() -> None:
     pytest.importorskip("transformers")
     out = run_quick("gpu_model.py", "--device", "cpu")

@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
-from lightning_distill import DistillationCallback, DistillModule
-from lightning_distill._training import train_logs_read
+from lightning_distill import CachedTeacher, DistillationCallback, DistillModule, TokenCache
+from lightning_distill._training import _callback_reads, train_logs_read
 from lightning_distill.schedules import Cosine
 from tests.helpers.tiny import TinyTeacher, make_loader, make_trainer, tiny_student
 
@@ -256,6 +256,11 @@ def test_the_teacher_callback_reads_no_metrics(tmp_path):
     steps = count_logging_steps(module)
     fit(module, tmp_path, callbacks=[DistillationCallback(TinyTeacher())])
     assert len(steps) == 2
+
+
+def test_the_token_cache_reader_reads_no_metrics(tmp_path):
+    # CachedTeacher stands in for DistillationCallback: it must not make the module log its terms every step
+    assert not _callback_reads(CachedTeacher(TokenCache(tmp_path / "cache")), validates_mid_epoch=True)
 
 
 def test_a_plateau_scheduler_on_a_train_key_sees_every_step(tmp_path):

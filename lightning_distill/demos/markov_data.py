@@ -29,8 +29,8 @@ class MarkovDataModule(L.LightningDataModule):
     Both sets are :class:`~lightning_distill.demos.MarkovDataset` samples of the same language (different seeds);
     batches are dicts of ``input_ids``, ``attention_mask`` and (unshifted) ``labels``, each ``(B, max_length)``. The
     training set is wrapped in :class:`~lightning_distill.IndexedDataset`, so its batches are
-    :class:`~lightning_distill.Indexed` and it serves a :class:`~lightning_distill.TokenCache` (the pre-pass and the
-    fit from the cache); the validation set is not. ``test_dataloader`` serves the validation set too.
+    :class:`~lightning_distill.teacher.Indexed` and it serves a :class:`~lightning_distill.TokenCache` (the pre-pass and
+    the fit from the cache); the validation set is not. ``test_dataloader`` serves the validation set too.
 
     The training loader is a :class:`~lightning_distill.ResumableDataLoader` shuffled with ``shuffle_seed`` or, when
     that is ``None``, with :func:`lightning.seed_everything`'s seed (``PL_GLOBAL_SEED``, else 0); ``shuffle=False``
@@ -114,7 +114,7 @@ class MarkovDataModule(L.LightningDataModule):
             self.val_set = MarkovDataset(self.language, self.num_val, self.max_length, self.min_length, self.val_seed)
 
     def train_dataloader(self) -> DataLoader[Any]:
-        """Training batches, :class:`~lightning_distill.Indexed`, shuffled unless ``shuffle=False``."""
+        """Training batches, :class:`~lightning_distill.teacher.Indexed`, shuffled unless ``shuffle=False``."""
         seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         return ResumableDataLoader(self._require(self.train_set), shuffle=self.shuffle, seed=seed, **self._kwargs())
 

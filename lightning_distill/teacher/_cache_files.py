@@ -206,8 +206,8 @@ def prepare_directory(directory: Path) -> None:
         where = f" ({err.filename!r})" if err.filename and str(err.filename) != str(directory) else ""
         raise type(err)(
             f"Teacher cache directory {str(directory)!r} cannot be created or written: {err.strerror or err}{where}. "
-            "HINT: pass `TeacherCache(path)` a directory this process can create and write (its parent must be a "
-            "directory, on a writable file system)."
+            "HINT: give the cache (`TeacherCache(path)`, `TokenCache(path)`) a directory this process can create and "
+            "write (its parent must be a directory, on a writable file system)."
         ) from err
 
 

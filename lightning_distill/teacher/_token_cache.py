@@ -10,6 +10,7 @@ teacher now (a row written for other inputs raises).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from lightning_distill._indexed import Indexed
 from lightning_distill.teacher._cache_files import DamagedCacheError, prepare_directory
+from lightning_distill.teacher._digest import input_digests
 from lightning_distill.teacher._runner import TopKTeacher
 from lightning_distill.teacher._token_codec import decode_tokens, encode_tokens, token_dtype
 from lightning_distill.teacher._token_files import (
@@ -37,10 +39,47 @@ from lightning_distill.teacher._token_files import (
     writer_lock,
 )
 
+ENCODE_TOKENS = 4096
+"""Positions the pre-pass encodes at once (their float32 softmaxes over the vocabulary are alive together)."""
 _MISSING_HINT = (
     "HINT: run the pre-pass (`lightning-distill cache --config ...`, or `Trainer.predict(TokenCachePass(teacher, "
     "cache), dataloaders=...)`) over this training set: it writes only the rows that are missing."
 )
+
+
+class MissingRowsError(KeyError):
+    """Rows a fit reads that the pre-pass has not written (a ``KeyError`` whose message prints as it is)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def token_digests(inputs: Any, count: int) -> np.ndarray | None:
+    """The inputs digests of a batch's samples with their padding left out, so any padding id and length agree.
+
+    Positions whose ``attention_mask`` is 0 are zeroed in every tensor of the inputs with the mask's ``(B, L)``
+    leading shape (``decoder_*`` tensors by ``decoder_attention_mask``), and trailing zeros do not change a digest
+    (:func:`~lightning_distill.teacher._digest.input_digests`): a sample padded to another length, or with another
+    padding id, by a collator that pads each batch to its longest sequence gets the same digest.
+
+    Example::
+
+        >>> ids = torch.tensor([[5, 6, 7, 7]])  # padded with 7 (GPT-2 pads with its end-of-text token)
+        >>> a = token_digests({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 0, 0]])}, 1)
+        >>> b = token_digests({"input_ids": ids[:, :2], "attention_mask": torch.tensor([[1, 1]])}, 1)
+        >>> bool(a == b)
+        True
+    """
+    if not isinstance(inputs, Mapping):
+        return input_digests(inputs, count)
+    masks = {side: inputs.get(f"{side}attention_mask") for side in ("", "decoder_")}
+    padded = {}
+    for key, value in inputs.items():
+        mask = masks["decoder_" if str(key).startswith("decoder_") else ""]
+        if isinstance(value, Tensor) and isinstance(mask, Tensor) and mask.ndim == 2 and value.shape[:2] == mask.shape:
+            value = value.masked_fill((mask == 0).reshape(*mask.shape, *([1] * (value.ndim - 2))), 0)
+        padded[key] = value
+    return input_digests(padded, count)
 
 
 def token_cache_settings(
@@ -120,7 +159,21 @@ class TokenCache:
         self._tokens: list[np.ndarray] = []  # per shard: its stored tokens as (tokens, record bytes) uint8
 
     def __repr__(self) -> str:
-        return f"TokenCache({str(self.path)!r}, top_k={self.top_k})"
+        return f"TokenCache({str(self.path)!r}, top_k={self.top_k}, on_mismatch={self.on_mismatch!r})"
+
+    def _require(self, name: str, call: str) -> Any:
+        """The open state ``name``, or a ``RuntimeError`` naming the call that opens it."""
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"{self!r} is not open for this: call `{call}` first (or `close()` was called).")
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The cache's settings only: open files, maps and locks stay with their process (reopened where needed)."""
+        return {"path": self.path, "top_k": self.top_k, "on_mismatch": self.on_mismatch}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], top_k=state["top_k"], on_mismatch=state["on_mismatch"])  # type: ignore[misc]
 
     def bytes_per_token(self, vocab: int) -> int:
         """Bytes of one stored token for a vocabulary (the 25 bytes per sample come on top)."""
@@ -203,14 +256,18 @@ class TokenCache:
 
     def missing(self, rows: np.ndarray) -> np.ndarray:
         """Which of ``rows`` no shard held when the writer opened, nor this writer has written since."""
-        assert self._done is not None, "open_writer first"
-        return ~self._done[rows]
+        done: np.ndarray = self._require("_done", "open_writer(settings, rank)")
+        return ~done[rows]
 
     def write(self, rows: np.ndarray, logits: Tensor, counted: Tensor, digests: np.ndarray) -> int:
         """Encode and append the counted positions of per-token logits ``(B, L, V)``; returns the tokens written.
 
+        Rows already stored (:meth:`missing` is false) are left as they are. The logits are encoded
+        :data:`ENCODE_TOKENS` positions at a time, so the pass never holds more than that many ``(V,)`` float32
+        softmaxes at once, and no copy of the batch's logits.
+
         Args:
-            rows: The ``B`` rows (:meth:`rows`), none of them written yet.
+            rows: The ``B`` rows of the batch (:meth:`rows`).
             logits: The teacher's logits for them.
             counted: Bool ``(B, L)``: the positions to store (those the loss counts).
             digests: The ``(B,)`` digests of the inputs the teacher ran on.
@@ -218,15 +275,23 @@ class TokenCache:
         Raises:
             FloatingPointError: If a stored position's logits hold NaN or +inf or are all -inf.
         """
+        self._require("_tokens_file", "open_writer(settings, rank)")
         assert self._meta is not None and self._samples is not None and self._tokens_file is not None
         meta = self._meta
-        counts = counted.sum(-1).cpu().numpy().astype(np.int64)
-        where = counted.nonzero()
-        fields = encode_tokens(logits[counted], meta["top_k"], meta["temperature"])
+        new = self.missing(rows)
+        if not new.any():
+            return 0
+        counted = counted & torch.from_numpy(new).to(counted.device).unsqueeze(-1)
+        rows, digests = rows[new], digests[new]
+        counts = counted.sum(-1).cpu().numpy().astype(np.int64)[new]
         records = np.empty(int(counts.sum()), dtype=token_dtype(meta["top_k"], meta["vocab"]))
+        where = counted.nonzero()
         records["position"] = where[:, 1].cpu().numpy()
-        for name, value in fields.items():
-            records[name] = value
+        for start in range(0, len(records), ENCODE_TOKENS):
+            part = where[start : start + ENCODE_TOKENS]
+            fields = encode_tokens(logits[part[:, 0], part[:, 1]], meta["top_k"], meta["temperature"])
+            for name, value in fields.items():
+                records[name][start : start + ENCODE_TOKENS] = value
         self._tokens_file.write(records.tobytes())
         self._tokens_file.flush()
         ends = np.cumsum(counts)
@@ -302,12 +367,14 @@ class TokenCache:
 
     def stored_fraction(self) -> float:
         """Fraction of rows stored (reader open)."""
-        assert self._table_shard is not None, "open_reader first"
+        self._require("_table_shard", "open_reader(expected)")
+        assert self._table_shard is not None
         return float((self._table_shard >= 0).mean())
 
     def stored_tokens(self) -> int:
         """Tokens stored over every row (reader open)."""
-        assert self._table is not None, "open_reader first"
+        self._require("_table", "open_reader(expected)")
+        assert self._table is not None
         return int(self._table["count"].sum())
 
     def load(self, rows: np.ndarray, digests: np.ndarray, device: torch.device) -> TopKTeacher:
@@ -318,11 +385,12 @@ class TokenCache:
             ValueError: If a row fails its checksum (corrupted, torn, or moved).
             RuntimeError: If a row was written for other inputs than ``digests`` (the data changed since).
         """
+        self._require("_table", "open_reader(expected)")
         assert self._table is not None and self._table_shard is not None and self._meta is not None
         owner = self._table_shard[rows]
         if (owner < 0).any():
             absent = rows[owner < 0]
-            raise KeyError(
+            raise MissingRowsError(
                 f"Token cache {str(self.path)!r} holds no teacher distributions for {len(absent)} of {len(rows)} "
                 f"samples of this batch ({_describe_rows(absent, self._meta['views'])}). {_MISSING_HINT}"
             )

@@ -22,8 +22,9 @@ log space,
 
 (``step`` is at most :math:`(v_1 - v_\mathrm{low}) / 254` plus float16 rounding, and at most :math:`40 / 254`; a
 zero tail is stored exactly; on top of these comes the float32 rounding of the log-probabilities themselves, about
-:math:`2^{-24} (1 + |\log p_j|)` a bucket, which matters only where ``step`` is 0). Renormalizing divides by
-:math:`Z = \sum_j p_j e^{\epsilon_j}`, :math:`|\epsilon_j| \le \delta_j`, so
+:math:`2^{-24} (1 + |\log p_j|)` a bucket, which matters only where ``step`` is 0; a tail above 1/2 is taken as
+:math:`1 - \sum_{i \in K} p_i`, one below it as the sum of its classes, each to a few float32 ulps). Renormalizing
+divides by :math:`Z = \sum_j p_j e^{\epsilon_j}`, :math:`|\epsilon_j| \le \delta_j`, so
 :math:`|\log Z| \le \zeta = \log \sum_j p_j e^{\delta_j}` (a mass-weighted error: a negligible tail stored
 coarsely hardly counts) and the decoded buckets satisfy :math:`|\log \hat p_j - \log p_j| \le \delta_j + \zeta`. For a
 student :math:`s`, the top-k KL of :mod:`~lightning_distill.losses.functional.topk` then moves by at most
@@ -41,6 +42,8 @@ the sums over the k classes and the tail bucket (a class stored as zero adds :ma
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -111,7 +114,11 @@ def encode_tokens(logits: Tensor, top_k: int, temperature: float) -> dict[str, n
     log_p = torch.log_softmax(z / temperature, dim=-1)
     values, indices = log_p.topk(top_k, dim=-1)
     if top_k < vocab:
-        log_tail = torch.logsumexp(log_p.scatter_(-1, indices, float("-inf")), dim=-1)  # log_p is ours: in place
+        # a small tail is summed directly (exactly 0 when its classes are masked); a large one, where that float32 sum
+        # over V - k classes would err by ~log2(V) ulps, is 1 - (the top-k mass)
+        head = torch.logsumexp(values, dim=-1)
+        summed = torch.logsumexp(log_p.scatter_(-1, indices, float("-inf")), dim=-1)  # log_p is ours: in place
+        log_tail = torch.where(head < -math.log(2.0), torch.log1p(-head.exp()), summed)
     else:
         log_tail = values.new_full(values.shape[:-1], float("-inf"))
     values = values.clamp(min=LOG_ZERO)

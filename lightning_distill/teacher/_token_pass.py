@@ -21,9 +21,9 @@ from lightning_distill._batches import split_batch
 from lightning_distill._indexed import Indexed
 from lightning_distill._positions import logits_mask, route_inputs, token_masks
 from lightning_distill.losses.functional._common import check_ignore_index, check_temperature
-from lightning_distill.teacher._digest import input_digests, teacher_weights_fingerprint
+from lightning_distill.teacher._digest import teacher_weights_fingerprint
 from lightning_distill.teacher._runner import TeacherRunner
-from lightning_distill.teacher._token_cache import TokenCache, token_cache_settings
+from lightning_distill.teacher._token_cache import TokenCache, token_cache_settings, token_digests
 
 
 def stored_positions(
@@ -63,7 +63,7 @@ class TokenCachePass(L.LightningModule):
     The stored positions are those a :class:`~lightning_distill.DistillModule` with the same ``shift_labels`` and
     ``ignore_index`` counts (real tokens with a label; :func:`stored_positions`), at ``temperature``; a fit from the
     cache (:class:`~lightning_distill.CachedTeacher`) refuses a module with other settings. Batches must be
-    :class:`~lightning_distill.Indexed` (an :class:`~lightning_distill.IndexedDataset`), split like the module's
+    :class:`~lightning_distill.teacher.Indexed` (an :class:`~lightning_distill.IndexedDataset`), split like the module's
     (``labels`` is the target and never reaches the teacher) with the same dataset as the fit.
 
     After the pass, :attr:`tokens_written`, :attr:`teacher_seconds` (time in the teacher's forward) and
@@ -130,6 +130,12 @@ class TokenCachePass(L.LightningModule):
         self.teacher_seconds, self._started = 0.0, time.perf_counter()
         dataset = _predict_dataset(self.trainer)
         self._size = (len(dataset), int(getattr(dataset, "views", 1)))
+        if self._size[1] != 1:
+            raise ValueError(
+                f"TokenCachePass stores one entry per sample, but the dataset has views={self._size[1]} (an "
+                "`IndexedDataset` with an augmentation draws one of its views at random on each read, so one pass "
+                "cannot store every view). HINT: `IndexedDataset(dataset)` with views=1 for the token cache."
+            )
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> int:
@@ -162,6 +168,8 @@ class TokenCachePass(L.LightningModule):
         inputs = route_inputs(inputs, target, self.teacher)
         started = time.perf_counter()
         logits = self._runner.run(inputs, features=False).logits
+        if logits.is_cuda:  # the forward runs asynchronously: wait for it, or its time is charged to the encoding
+            torch.cuda.synchronize(logits.device)
         self.teacher_seconds += time.perf_counter() - started
         if logits.ndim != 3:
             raise ValueError(
@@ -179,21 +187,20 @@ class TokenCachePass(L.LightningModule):
                 self.ignore_index,
             )
             self.cache.open_writer(settings, self.trainer.global_rank, self.trainer.world_size)
-        digests = input_digests(inputs, len(rows))
+        digests = token_digests(inputs, len(rows))
         if digests is None:
             raise ValueError(
                 "TokenCache binds each row to its sample's inputs, but the teacher's inputs hold no tensor whose "
                 f"first dimension is the batch's {len(rows)} samples (got {type(inputs).__name__}). HINT: give the "
                 "teacher batch-first tensors."
             )
-        missing = self.cache.missing(rows)
-        if not missing.any():  # the first batch of a resumed pass (its rows are known once the writer is open)
+        missing = int(self.cache.missing(rows).sum())
+        if not missing:  # the first batch of a resumed pass (its rows are known once the writer is open)
             self.batches_skipped += 1
             return
         counted = stored_positions(inputs, target, logits, self.teacher, self.shift_labels, self.ignore_index)
-        select = torch.from_numpy(missing).to(logits.device)
-        self.tokens_written += self.cache.write(rows[missing], logits[select], counted[select], digests[missing])
-        self.rows_written += int(missing.sum())
+        self.tokens_written += self.cache.write(rows, logits, counted, digests)  # the missing rows only
+        self.rows_written += missing
 
     @override
     def on_predict_end(self) -> None:

@@ -27,9 +27,9 @@ class _ChunkedRowSum(torch.autograd.Function):
         grads = [
             torch.zeros_like(t) if t is not None and want else None for t, want in zip(tensors, wants, strict=True)
         ]
-        rows = next(t.shape[0] for t in tensors if t is not None)
-        total: Tensor | None = None
-        for start in range(0, rows, chunk_size):
+        first = next(t for t in tensors if t is not None)
+        total = first.new_zeros((), dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
+        for start in range(0, first.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             with torch.enable_grad():
                 pieces = [
@@ -42,9 +42,8 @@ class _ChunkedRowSum(torch.autograd.Function):
             for grad, want in zip(grads, wants, strict=True):
                 if want:
                     grad[part] = next(chunk_grads)  # type: ignore[index]
-            total = value.detach() if total is None else total + value.detach()
+            total = total + value.detach()
         ctx.grads = grads  # kept on ctx, not saved: backward scales them in place instead of copying them
-        assert total is not None
         return total
 
     @staticmethod

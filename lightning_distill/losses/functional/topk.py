@@ -124,19 +124,23 @@ def topk_kd_loss(
     flat = student_logits.reshape(-1, classes)
     rows = flat.shape[0]
     values, indices, tail = values.reshape(rows, -1), indices.reshape(rows, -1), tail.reshape(-1)
-    if keep is not None:
-        flat, values, indices, tail = flat[keep], values[keep], indices[keep], tail[keep]
-    count = flat.shape[0]
+    count = rows if keep is None else int(keep.sum())
     if count == 0:
         return student_logits.sum() * 0.0
 
-    def row_sum(student: Tensor, top_values: Tensor, top_indices: Tensor, top_tail: Tensor) -> Tensor:
+    def row_sum(
+        student: Tensor, top_values: Tensor, top_indices: Tensor, top_tail: Tensor, counted: Tensor | None
+    ) -> Tensor:
+        if counted is not None:  # the counted rows of this chunk only: no copy of the whole (N, C) logits
+            student, top_values, top_indices, top_tail = (
+                x[counted] for x in (student, top_values, top_indices, top_tail)
+            )
         return _topk_kl_sum(student, top_values, top_indices, top_tail, temperature)
 
     if chunk_size is None:
-        total = row_sum(flat, values, indices, tail)
+        total = row_sum(flat, values, indices, tail, keep)
     else:
-        total = chunked_row_sum(row_sum, [flat, values, indices, tail], chunk_size)
+        total = chunked_row_sum(row_sum, [flat, values, indices, tail, keep], chunk_size)
     return temperature**2 * total / count
 
 
