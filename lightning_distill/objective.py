@@ -47,7 +47,7 @@ from lightning_distill.losses.functional._common import check_ignore_index
 from lightning_distill.losses.functional.logits import weigh_terms
 from lightning_distill.losses.functional.topk import topk_distillation_terms
 from lightning_distill.schedules import Schedule, checked_schedule
-from lightning_distill.teacher._runner import TeacherOutputs, TopKTeacher
+from lightning_distill.teacher._runner import TeacherOutputs
 
 __all__ = ["DistillationObjective"]
 
@@ -298,10 +298,6 @@ class DistillationObjective(nn.Module):
         """
         values = self.hparam_values() if values is None else values
         alpha = values["alpha"]
-        topk = None if teacher_outputs is None else teacher_outputs.topk
-        if topk is not None:  # a token cache's rows go to the logits' positions, then shift with them
-            topk = topk.dense(tuple(student_logits.shape[:-1]))
-            topk = topk.next_token_view() if self.shift_labels else topk
         if self.shift_labels:
             student_logits, target, mask = next_token_view(student_logits, target, mask)
         if teacher_outputs is None:
@@ -324,7 +320,6 @@ class DistillationObjective(nn.Module):
             mask,
             values,
             pure=task_loss is not None,
-            topk=topk,
         )
         if task_loss is not None:
             terms.update(weigh_terms(terms["kd_loss"], task_loss, alpha))
@@ -350,17 +345,16 @@ class DistillationObjective(nn.Module):
         mask: Tensor | None,
         values: Mapping[str, float],
         pure: bool,
-        topk: TopKTeacher | None = None,
     ) -> dict[str, Tensor]:
         """``loss``, ``task_loss``, ``kd_loss`` (and DKD's parts) of the logits; ``pure``: the KD term only.
 
-        ``topk``: the cached teacher's distributions at the (shifted) logits' positions, when cached.
+        A top-k teacher from a token cache holds rows at unshifted positions t, which are the shifted logits' t too.
         """
         alpha = 1.0 if pure else values["alpha"]
-        if topk is not None:
+        if teacher.topk is not None:
             return topk_distillation_terms(
                 student_logits,
-                topk,
+                teacher.topk,
                 target,
                 mask,
                 self.ignore_index,

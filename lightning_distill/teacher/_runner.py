@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from lightning_distill._batches import call_with_inputs, extract_logits
 from lightning_distill.features._capture import FeatureCapture, ModifiedInPlaceError, Selector
-from lightning_distill.losses.functional._common import LOG_ZERO as LOG_ZERO_VALUE
 from lightning_distill.teacher import _placement
 from lightning_distill.teacher._checkpoint import check_prefix, load_teacher_checkpoint
 from lightning_distill.teacher._sharding import (
@@ -113,10 +112,10 @@ class TeacherOutputs:
 class TopKTeacher:
     """A teacher distribution kept as its top-k log-probabilities at ``temperature`` and the remaining mass.
 
-    Dense (a classification cache, or :meth:`dense`): one distribution per position of the logits, ``values`` and
-    ``indices`` ``(*, k)``, ``tail`` ``(*)``. Token rows (a :class:`~lightning_distill.TokenCache`): only the stored
-    positions, ``values`` and ``indices`` ``(N, k)``, ``tail`` ``(N,)``, and ``positions`` ``(N, 2)`` says which
-    (sample in the batch, position) each is.
+    Dense (a classification cache): one distribution per position of the logits, ``values`` and ``indices``
+    ``(*, k)``, ``tail`` ``(*)``. Token rows (a :class:`~lightning_distill.TokenCache`): only the stored positions,
+    ``values`` and ``indices`` ``(N, k)``, ``tail`` ``(N,)``, and ``positions`` ``(N, 2)`` says which (sample in the
+    batch, position) each is; the loss takes the student's logits there.
 
     Attributes:
         values: Log-probabilities of the k most likely classes.
@@ -124,7 +123,6 @@ class TopKTeacher:
         tail: Probability mass of all other classes.
         temperature: The temperature the distribution was taken at.
         positions: Token rows only: ``(N, 2)`` int64 (batch row, position) of each stored distribution.
-        present: Dense from token rows only: bool ``(B, L)``, the positions that hold a stored distribution.
         num_classes: The teacher's vocabulary, when known (a student with another one is refused).
     """
 
@@ -133,49 +131,7 @@ class TopKTeacher:
     tail: Tensor
     temperature: float
     positions: Tensor | None = None
-    present: Tensor | None = None
     num_classes: int | None = None
-
-    def dense(self, lead: tuple[int, ...]) -> TopKTeacher:
-        """Token rows scattered to the logits' positions ``lead = (B, L)``; dense ones are returned as they are.
-
-        Positions without a stored distribution get all their mass in the tail (and ``present`` False).
-
-        Raises:
-            ValueError: If a stored position lies outside ``lead``.
-        """
-        if self.positions is None:
-            return self
-        if len(lead) != 2:
-            raise ValueError(f"A token cache's distributions need per-token logits (B, L, V), got positions {lead}.")
-        rows, steps = self.positions[:, 0], self.positions[:, 1]
-        if len(steps) and (int(steps.max()) >= lead[1] or int(rows.max()) >= lead[0]):
-            raise ValueError(
-                f"The token cache holds a distribution at position {int(steps.max())}, but the logits have "
-                f"{lead[1]} positions: the batch's sequences are not padded as in the pre-pass. HINT: pad on the right "
-                "and keep every sequence at least as long as it was then."
-            )
-        k = self.values.shape[-1]
-        values = self.values.new_full((*lead, k), LOG_ZERO_VALUE)
-        indices = self.indices.new_zeros((*lead, k))
-        tail = self.tail.new_ones(lead)
-        present = torch.zeros(lead, dtype=torch.bool, device=self.values.device)
-        values[rows, steps], indices[rows, steps], tail[rows, steps] = self.values, self.indices, self.tail
-        present[rows, steps] = True
-        return TopKTeacher(values, indices, tail, self.temperature, None, present, self.num_classes)
-
-    def next_token_view(self) -> TopKTeacher:
-        """The dense distributions of positions ``0..L-2`` (what a causal LM's shifted logits are scored against)."""
-        present = None if self.present is None else self.present[..., :-1]
-        return TopKTeacher(
-            self.values[..., :-1, :],
-            self.indices[..., :-1, :],
-            self.tail[..., :-1],
-            self.temperature,
-            None,
-            present,
-            self.num_classes,
-        )
 
 
 class TeacherRunner:

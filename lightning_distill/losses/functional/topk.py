@@ -36,13 +36,12 @@ from torch import Tensor
 
 from lightning_distill.losses.functional._chunked import chunked_row_sum
 from lightning_distill.losses.functional._common import (
-    LOG_ZERO,
     check_chunk_size,
     check_mask,
     check_temperature,
     counted_positions,
-    log_probs,
 )
+from lightning_distill.losses.functional._topk_kl import topk_kl_sum
 from lightning_distill.losses.functional.logits import cross_entropy, weigh_terms
 
 __all__ = ["topk_distillation_terms", "topk_kd_loss", "topk_log_probs"]
@@ -135,24 +134,13 @@ def topk_kd_loss(
             student, top_values, top_indices, top_tail = (
                 x[counted] for x in (student, top_values, top_indices, top_tail)
             )
-        return _topk_kl_sum(student, top_values, top_indices, top_tail, temperature)
+        return topk_kl_sum(student, top_values, top_indices, top_tail, temperature)
 
     if chunk_size is None:
         total = row_sum(flat, values, indices, tail, keep)
     else:
         total = chunked_row_sum(row_sum, [flat, values, indices, tail, keep], chunk_size)
     return temperature**2 * total / count
-
-
-def _topk_kl_sum(student: Tensor, values: Tensor, indices: Tensor, tail: Tensor, temperature: float) -> Tensor:
-    """The sum over ``(N, C)`` counted rows of ``KL_k`` (without T²), in float32."""
-    log_s = log_probs(student.float(), temperature)
-    values, indices, tail = values.float().clamp(min=LOG_ZERO), indices.long(), tail.float()
-    head = (values.exp() * (values - log_s.gather(-1, indices))).sum(-1)
-    if indices.shape[-1] == student.shape[-1]:  # no class outside the top-k: the tail is empty, whatever is left in it
-        return head.sum()
-    log_s_tail = torch.logsumexp(log_s.scatter(-1, indices, float("-inf")), dim=-1)
-    return (head + torch.xlogy(tail, tail) - tail * log_s_tail).sum()
 
 
 def topk_distillation_terms(
@@ -168,7 +156,7 @@ def topk_distillation_terms(
 ) -> dict[str, Tensor]:
     """``{"loss", "task_loss", "kd_loss"}`` from a top-k teacher: ``alpha * topk_kd_loss + (1 - alpha) * CE``.
 
-    A teacher from a token cache (``topk.present`` set) must hold a distribution at every position the loss counts.
+    A teacher from a token cache (``topk.positions`` set) must hold a distribution at every position the loss counts.
 
     Raises:
         ValueError: If ``temperature`` or ``divergence`` differ from what the top-k teacher was stored for
@@ -189,19 +177,72 @@ def topk_distillation_terms(
             "distillation needs the same classes (the same tokenizer). HINT: give the student the teacher's "
             "vocabulary size."
         )
-    if topk.present is not None:
-        counted = counted_positions(target, mask, ignore_index, student_logits.device)
-        absent = ~topk.present.reshape(-1) if counted is None else counted & ~topk.present.reshape(-1)
-        if bool(absent.any()):
-            raise ValueError(
-                f"The loss counts {int(absent.sum())} positions of this batch for which the token cache holds no "
-                "teacher distribution: the batch's attention mask or labels count other positions than in the "
-                "pre-pass (which stores those with a real token and a label other than `ignore_index`, shifted "
-                "with `shift_labels`). HINT: run the pre-pass with the module's `shift_labels` and `ignore_index` "
-                "on the same data, or mask those positions in the batch."
-            )
+    if topk.positions is not None:
+        return _token_rows_terms(student_logits, topk, target, mask, ignore_index, alpha, temperature, chunk_size)
     kd = topk_kd_loss(
         student_logits, topk.values, topk.indices, topk.tail, temperature, mask, target, ignore_index, chunk_size
+    )
+    task = None if target is None else cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
+    return weigh_terms(kd, task, alpha)
+
+
+def _token_rows_terms(
+    student_logits: Tensor,
+    topk: TopKTeacher,
+    target: Tensor | None,
+    mask: Tensor | None,
+    ignore_index: int,
+    alpha: float,
+    temperature: float,
+    chunk_size: int | None,
+) -> dict[str, Tensor]:
+    """:func:`topk_distillation_terms` for a token cache's rows: the student's logits taken at the stored positions.
+
+    ``student_logits`` ``(B, L, V)`` are those the loss scores (after the next-token shift, whose position t is the
+    unshifted t); every position the loss counts must have a stored row (one device synchronisation checks it, and
+    that no row lies beyond the logits), and stored rows the loss does not count are left out.
+    """
+    assert topk.positions is not None
+    if student_logits.ndim != 3:
+        raise ValueError(
+            f"A token cache's distributions need per-token logits (B, L, V), got {tuple(student_logits.shape)}."
+        )
+    batch, length, classes = student_logits.shape
+    steps = topk.positions[:, 1]
+    flat = topk.positions[:, 0] * length + steps.clamp(max=length - 1)  # each stored (row, position) is unique
+    counted = counted_positions(target, mask, ignore_index, student_logits.device)
+    if counted is None:  # every position counts: all B * L must be stored
+        figures = torch.stack([steps.max() if len(steps) else steps.new_zeros(()), steps.new_zeros(())])
+        n_counted, n_covered = batch * length, len(flat)
+        last, _ = (int(v) for v in figures.tolist())
+    else:
+        figures = torch.stack([steps.max() if len(steps) else steps.new_zeros(()), counted.sum(), counted[flat].sum()])
+        last, n_counted, n_covered = (int(v) for v in figures.tolist())  # one synchronisation
+    if last >= length:
+        raise ValueError(
+            f"The token cache holds distributions at position {last}, beyond the logits' {length}: the batch's "
+            "sequences are shorter than in the pre-pass. HINT: pad on the right, each sequence at least as long as "
+            "then."
+        )
+    if n_counted != n_covered:
+        raise ValueError(
+            f"The loss counts {n_counted - n_covered} positions of this batch for which the token cache holds no "
+            "teacher distribution: the batch's attention mask or labels count other positions than in the pre-pass "
+            "(which stores those with a real token and a label other than `ignore_index`, shifted with "
+            "`shift_labels`). HINT: run the pre-pass with the module's `shift_labels` and `ignore_index` on the same "
+            "data, or mask those positions in the batch."
+        )
+    rows = student_logits.reshape(-1, classes)[flat]
+    kd = topk_kd_loss(
+        rows,
+        topk.values,
+        topk.indices,
+        topk.tail,
+        temperature,
+        None if counted is None else counted[flat],
+        None,
+        ignore_index,
+        chunk_size,
     )
     task = None if target is None else cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
     return weigh_terms(kd, task, alpha)
