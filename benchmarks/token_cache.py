@@ -324,12 +324,12 @@ def markov_fidelity(teacher: nn.Module, student: nn.Module, data: MarkovDataset,
             digests = input_digests(inputs, len(rows))
             assert digests is not None
             stored = cache.load(rows, digests, torch.device("cpu"))
-            dense = stored.dense(tuple(inputs["input_ids"].shape))
-            assert dense.present is not None
+            assert stored.positions is not None
+            where = (stored.positions[:, 0], stored.positions[:, 1])  # each stored row's (sample, position)
             with torch.no_grad():
-                t_logits, s_logits = teacher(**inputs)[dense.present], student(**inputs)[dense.present]
+                t_logits, s_logits = teacher(**inputs)[where], student(**inputs)[where]
             values, indices, tail = float_topk(t_logits)
-            cached = (dense.values[dense.present], dense.indices[dense.present], dense.tail[dense.present])
+            cached = (stored.values, stored.indices, stored.tail)
             check_against_library(s_logits, *cached)
             found.add(
                 full_kl(t_logits, s_logits),

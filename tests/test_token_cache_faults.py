@@ -571,3 +571,66 @@ def test_6_a_pass_resumed_on_one_process_completes_a_two_process_cache(tmp_path:
     cache.close()
     _assert_same_rows(path, reference)
     _fit(path)
+
+
+# ------------------------------------------------------------------------------------------- 7 dynamic padding
+class Trimmed(Dataset):
+    """The Markov samples cut to their real length (a collator pads each batch, as Hugging Face's do)."""
+
+    def __init__(self) -> None:
+        self.base = _markov()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        item = self.base[index]
+        length = int(item["attention_mask"].sum())
+        return {key: value[:length] for key, value in item.items()}
+
+
+def _pad_collate(pad_id: int, left: bool = False) -> Callable[[list[Any]], Any]:
+    """Collate `Indexed` items, padding each batch to its longest sequence with ``pad_id`` (on the right or left)."""
+
+    def collate(items: list[Any]) -> Any:
+        longest = max(len(item.sample["input_ids"]) for item in items)
+
+        def pad(value: Tensor, fill: int) -> Tensor:
+            filler = torch.full((longest - len(value),), fill, dtype=value.dtype)
+            return torch.cat([filler, value] if left else [value, filler])
+
+        samples = [
+            {
+                "input_ids": pad(item.sample["input_ids"], pad_id),
+                "attention_mask": pad(item.sample["attention_mask"], 0),
+                "labels": pad(item.sample["labels"], -100),
+            }
+            for item in items
+        ]
+        batch = torch.utils.data.default_collate(
+            [(item.index, item.view, sample) for item, sample in zip(items, samples, strict=True)]
+        )
+        return type(items[0])(*batch)
+
+    return collate
+
+
+def test_7_batches_padded_to_their_longest_with_any_padding_id_read_back(tmp_path: Path) -> None:
+    """A pre-pass in order and a shuffled fit pad the same sample to other lengths, with pad id 7: the rows agree."""
+    data = IndexedDataset(Trimmed())
+    teacher = _teacher()
+    cache = TokenCache(tmp_path / "cache", top_k=TOP_K)
+    loader = DataLoader(data, batch_size=BATCH, collate_fn=_pad_collate(7))
+    _trainer().predict(TokenCachePass(teacher, cache, shift_labels=True), dataloaders=loader, return_predictions=False)
+    module = DistillModule(student=_student(), alpha=0.5, shift_labels=True)
+    shuffled = DataLoader(
+        data, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(3), collate_fn=_pad_collate(7)
+    )
+    trainer = _trainer(max_epochs=2, callbacks=[CachedTeacher(TokenCache(tmp_path / "cache", top_k=TOP_K))])
+    trainer.fit(module, shuffled)
+    assert trainer.global_step == 2 * len(shuffled) and torch.isfinite(trainer.callback_metrics["train/kd_loss"])
+
+    left = DataLoader(data, batch_size=BATCH, collate_fn=_pad_collate(7, left=True))  # left padding moves the tokens
+    trainer = _trainer(max_epochs=1, callbacks=[CachedTeacher(TokenCache(tmp_path / "cache", top_k=TOP_K))])
+    with pytest.raises(RuntimeError, match="are not those the teacher's distributions were cached for"):
+        trainer.fit(DistillModule(student=_student(), alpha=0.5, shift_labels=True), left)
