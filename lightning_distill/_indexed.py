@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 Augment = Callable[[Any, torch.Generator], Any]
@@ -91,3 +93,49 @@ class IndexedDataset(Dataset):
                 "indices: it must return one sample per index, in order."
             )
         return [Indexed(index, 0, sample) for index, sample in zip(indices, samples, strict=True)]
+
+
+def sample_rows(batch: Any, num_samples: int, views: int, owner: str) -> np.ndarray:
+    """The cache rows (``index * views + view``) of an :class:`Indexed` batch's samples, range-checked.
+
+    Args:
+        batch: The batch.
+        num_samples: The dataset's length the cache was made for.
+        views: Its views.
+        owner: Who asks (``"TeacherCache"``, ``"TokenCache"``), for the messages.
+
+    Raises:
+        TypeError: If the batch carries no sample identity.
+        IndexError: If the indices and views differ in number, or one is out of range.
+
+    Example::
+
+        >>> sample_rows(Indexed(torch.tensor([0, 3]), torch.tensor([1, 0]), None), 4, 2, "TeacherCache").tolist()
+        [1, 6]
+    """
+    if not isinstance(batch, Indexed):
+        raise TypeError(
+            f"{owner} needs each batch's sample indices, but the batch is a {type(batch).__name__}. HINT: wrap the "
+            "training dataset: `IndexedDataset(dataset)` (from lightning_distill), in every pass that reads the cache."
+        )
+    index, view = _flat_int64(batch.index), _flat_int64(batch.view)
+    if index.shape != view.shape:
+        raise IndexError(f"A batch has {index.size} sample indices but {view.size} views.")
+    if index.size and index.min() >= 0 and index.max() < num_samples and view.min() >= 0 and view.max() < views:
+        return index * views + view
+    bad = (index < 0) | (index >= num_samples) | (view < 0) | (view >= views)
+    if bad.any():
+        raise IndexError(
+            f"Sample index/view out of the cache's range ({num_samples} samples x {views} views): index "
+            f"{index[bad][:5].tolist()}, view {view[bad][:5].tolist()}."
+        )
+    return index * views + view
+
+
+def _flat_int64(value: Any) -> np.ndarray:
+    """A batch's sample indices (or views) as a flat int64 array on the CPU (shared with a CPU tensor, no copy)."""
+    if isinstance(value, Tensor):
+        if value.device.type != "cpu":
+            value = value.cpu()
+        return (value if value.dtype is torch.int64 else value.long()).detach().numpy().reshape(-1)
+    return np.asarray(value, dtype=np.int64).reshape(-1)

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_distill._indexed import Indexed
+from lightning_distill._indexed import sample_rows
 from lightning_distill.losses.functional.topk import topk_log_probs
 from lightning_distill.teacher._cache_files import (
     DamagedCacheError,
@@ -199,25 +199,8 @@ class TeacherCache:
             TypeError: If the batch carries no sample identity.
             IndexError: If an index or view is out of range.
         """
-        if not isinstance(batch, Indexed):
-            raise TypeError(
-                f"TeacherCache needs each batch's sample indices, but the batch is a {type(batch).__name__}. HINT: "
-                "wrap the training dataset: `IndexedDataset(dataset)` (from lightning_distill.demos)."
-            )
-        index, view = _flat_int64(batch[0]), _flat_int64(batch[1])
         assert self._meta is not None
-        samples, views = self._meta["num_samples"], self._meta["views"]
-        if index.shape != view.shape:
-            raise IndexError(f"A batch has {index.size} sample indices but {view.size} views.")
-        if index.size and index.min() >= 0 and index.max() < samples and view.min() >= 0 and view.max() < views:
-            return index * views + view
-        bad = (index < 0) | (index >= samples) | (view < 0) | (view >= views)
-        if bad.any():
-            raise IndexError(
-                f"Sample index/view out of the cache's range ({samples} samples x {views} views): index "
-                f"{index[bad][:5].tolist()}, view {view[bad][:5].tolist()}."
-            )
-        return index * views + view
+        return sample_rows(batch, self._meta["num_samples"], self._meta["views"], "TeacherCache")
 
     def filled(self, rows: np.ndarray) -> np.ndarray:
         """Which of ``rows`` are stored."""
@@ -415,12 +398,3 @@ class TeacherCache:
             f"{str(self.path / 'meta.json')!r} (the next fit rebuilds the cache) or use another directory; a teacher "
             "that changes during training cannot be cached: remove `cache=`."
         )
-
-
-def _flat_int64(value: Any) -> np.ndarray:
-    """A batch's sample indices (or views) as a flat int64 array on the CPU (shared with a CPU tensor, no copy)."""
-    if isinstance(value, Tensor):
-        if value.device.type != "cpu":
-            value = value.cpu()
-        return (value if value.dtype is torch.int64 else value.long()).detach().numpy().reshape(-1)
-    return np.asarray(value, dtype=np.int64).reshape(-1)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_distill._indexed import Indexed
+from lightning_distill._indexed import sample_rows
 from lightning_distill.teacher._cache_files import DamagedCacheError, prepare_directory
 from lightning_distill.teacher._digest import input_digests
 from lightning_distill.teacher._runner import TopKTeacher
@@ -461,20 +461,7 @@ class TokenCache:
             TypeError: If the batch carries no sample identity.
             IndexError: If an index or view is out of range.
         """
-        if not isinstance(batch, Indexed):
-            raise TypeError(
-                f"TokenCache needs each batch's sample indices, but the batch is a {type(batch).__name__}. HINT: wrap "
-                "the dataset: `IndexedDataset(dataset)` (from lightning_distill), in the pre-pass and in the fit."
-            )
-        index = torch.as_tensor(batch[0]).reshape(-1).long().cpu().numpy()
-        view = torch.as_tensor(batch[1]).reshape(-1).long().cpu().numpy()
-        bad = (index < 0) | (index >= num_samples) | (view < 0) | (view >= views)
-        if bad.any() or index.shape != view.shape:
-            raise IndexError(
-                f"Sample index/view out of the token cache's range ({num_samples} samples x {views} views): index "
-                f"{index[bad][:5].tolist()}, view {view[bad][:5].tolist()}."
-            )
-        return index * views + view
+        return sample_rows(batch, num_samples, views, "TokenCache")
 
 
 def _shard_rank(shard: Path) -> int:
