@@ -53,8 +53,8 @@ def test_tables_keeps_only_the_tables_in_order_and_selects_by_position() -> None
 def test_every_benchmark_script_has_an_entry_and_a_readme_block() -> None:
     run_all = load_run_all()
     # gpu_model.py needs a GPU: benchmarks/gpu_check.sh runs it, and its figures get a README block once it has run;
-    # common.py and overhead_variants.py are modules the scripts import, not benchmarks
-    helpers = {"common", "overhead_variants", "run_all", "gpu_model"}
+    # common.py, overhead_variants.py and token_cache_measures.py are modules the scripts import, not benchmarks
+    helpers = {"common", "overhead_variants", "token_cache_measures", "run_all", "gpu_model"}
     scripts = {p.stem for p in (REPO_ROOT / "benchmarks").glob("*.py")} - helpers
     assert scripts | {"demo"} == set(run_all.NAMES)
     readme = (REPO_ROOT / "README.md").read_text()

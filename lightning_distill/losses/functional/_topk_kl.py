@@ -9,13 +9,15 @@ divergence, the gradient with respect to :math:`z_j / T` of
 
     P \, s_j - p_j [j \in K] - m \, [j \notin K] \, s_j / s_{\mathrm{tail}}, \qquad P = \sum_{i \in K} p_i + m,
 
-each term dropped where its log-probability sits at the floor (the floor passes no gradient). One softmax, its
+each term dropped where its log-probability sits at the floor (the floor passes no gradient; a tail with no mass
+left is the bucket of its floored classes, :math:`L + \log(C - k)`). One softmax, its
 exponential and one sum forward, one scaled copy backward: what the autograd graph of ``log_softmax``, ``gather``,
 ``scatter`` and ``logsumexp`` did in about three times the passes and nodes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,9 +43,11 @@ class _TopKKL(torch.autograd.Function):
         tail_live = head_live[:, 0] & False
         if indices.shape[-1] < student.shape[-1]:
             m, rest = tail.to(dtype), s.scatter_(-1, indices, 0.0).sum(-1)  # R / S, summed without cancellation
-            log_s_tail = rest.log()
-            tail_live = log_s_tail > LOG_ZERO
-            loss = loss.sum(-1) + torch.xlogy(m, m) - m * log_s_tail.clamp(min=LOG_ZERO)
+            tail_live = rest > 0
+            # a tail whose every class is at the floor is the floored bucket: log(V - k) + L, as log-sum-exp gives it
+            floored = LOG_ZERO + math.log(student.shape[-1] - indices.shape[-1])
+            log_s_tail = torch.where(tail_live, rest.log(), floored)
+            loss = loss.sum(-1) + torch.xlogy(m, m) - m * log_s_tail
         else:
             s.zero_()  # every class is a top-k one: their gradient is carried by s_top alone
         ctx.temperature, ctx.student_dtype = temperature, student.dtype

@@ -7,6 +7,7 @@ is taken over contributes 0, one the other model masks contributes a large but f
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (the examples in the docstrings below run in this module's namespace)
 from torch import Tensor
 
 from lightning_distill.losses.functional._chunked import chunked_row_sum
