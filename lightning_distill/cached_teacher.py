@@ -8,6 +8,7 @@ import lightning as L
 from typing_extensions import override
 
 from lightning_distill._contract import TeacherClient, TeacherConnection, TeacherRequest
+from lightning_distill._rng import ResumeRng
 from lightning_distill.teacher._runner import TeacherOutputs
 from lightning_distill.teacher._token_cache import TokenCache, token_digests
 
@@ -23,7 +24,9 @@ class CachedTeacher(L.Callback):
     term; the teacher is never built or loaded. Validation and test log the student's metrics only (there is no
     teacher to score). The cache must have been written by :class:`~lightning_distill.TokenCachePass` for this
     training set (the same length and views), the module's ``shift_labels``, ``ignore_index`` and (constant)
-    temperature, and ``divergence="kl"``; every batch must be :class:`~lightning_distill.teacher.Indexed`.
+    temperature, and ``divergence="kl"``; every batch must be :class:`~lightning_distill.teacher.Indexed`. Like
+    :class:`~lightning_distill.DistillationCallback` it keeps the global RNG states in checkpoints, so a resumed fit
+    continues exactly (see "Resuming exactly" in the README).
 
     Args:
         cache: The :class:`~lightning_distill.TokenCache` to read.
@@ -42,6 +45,7 @@ class CachedTeacher(L.Callback):
         self._client: TeacherClient | None = None
         self._size: tuple[int, int] | None = None
         self._temperature: float | None = None
+        self._rng = ResumeRng(type(self).__name__)  # the global RNG states, kept in checkpoints for resume
 
     @property
     def state_key(self) -> str:
@@ -73,8 +77,21 @@ class CachedTeacher(L.Callback):
         )
 
     @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._rng.save(checkpoint)  # as DistillationCallback: a resumed fit's shuffling and dropout continue exactly
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._rng.load(checkpoint)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rng.fit_start(trainer)
+
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Open the cache and check it against this fit: the training set's size and the module's target rules."""
+        self._rng.train_start(trainer)  # warns when a mid-epoch resume cannot continue the epoch's batches
         assert self._client is not None
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         if dataset is None:

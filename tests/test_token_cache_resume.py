@@ -1,5 +1,6 @@
 """TokenCache resume: a pre-pass that crashes, is killed or resumes on another number of processes ends equal to one
-uninterrupted pass; batches padded to their longest, with any padding id, read back.
+uninterrupted pass; batches padded to their longest, with any padding id, read back; a fit from the cache resumed
+from a checkpoint ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,6 +29,7 @@ from tests.helpers.token_cache import (
     Edited,
     _assert_same_rows,
     _count_forwards,
+    _data,
     _fit,
     _markov,
     _prepass,
@@ -200,3 +204,42 @@ def test_7_batches_padded_to_their_longest_with_any_padding_id_read_back(tmp_pat
     trainer = _trainer(max_epochs=1, callbacks=[CachedTeacher(TokenCache(tmp_path / "cache", top_k=TOP_K))])
     with pytest.raises(RuntimeError, match="are not those the teacher's distributions were cached for"):
         trainer.fit(DistillModule(student=_student(), alpha=0.5, shift_labels=True), left)
+
+
+# ------------------------------------------------------------------------------------- 8 a fit from the cache, resumed
+class _Crash(L.Callback):
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 2:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed run saves no checkpoints
+def test_8_a_fit_from_the_cache_resumed_from_a_checkpoint_equals_an_uninterrupted_one(
+    tmp_path: Path, reference: Path
+) -> None:
+    """CachedTeacher keeps the RNG states in checkpoints: a shuffled fit resumed at an epoch's end is bit-identical."""
+
+    def fit(root: Path, callbacks: list[L.Callback], ckpt_path: Path | None = None, **kwargs: Any) -> DistillModule:
+        module = DistillModule(student=_student(), alpha=0.5, shift_labels=True)
+        if ckpt_path is not None:  # another start for the resumed run: everything must come from the checkpoint
+            with torch.no_grad():
+                for parameter in module.parameters():
+                    parameter.normal_(0, 0.02)
+        cache = CachedTeacher(TokenCache(reference, top_k=TOP_K))
+        trainer = _trainer(max_epochs=4, default_root_dir=root, callbacks=[cache, *callbacks], **kwargs)
+        trainer.fit(module, DataLoader(_data(), batch_size=BATCH, shuffle=True), ckpt_path=ckpt_path)
+        return module
+
+    torch.manual_seed(0)
+    straight = fit(tmp_path / "a", [])
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(
+            tmp_path / "b",
+            [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), _Crash()],
+            enable_checkpointing=True,
+        )
+    torch.manual_seed(123)  # the resumed process's generator is elsewhere: the checkpoint must set it
+    resumed = fit(tmp_path / "c", [], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
