@@ -94,7 +94,8 @@ def _round_up_half(x: Tensor) -> Tensor:
 def encode_tokens(logits: Tensor, top_k: int, temperature: float) -> dict[str, np.ndarray]:
     """Encode per-token logits ``(N, V)`` at ``temperature`` as the record fields (without ``position``).
 
-    Computed on the logits' device; only the ``(N, k)`` results are copied to the CPU.
+    The softmax, top-k and tail run on the logits' device; only the ``(N, k)`` results are copied to the CPU, where
+    the 8-bit coding happens.
 
     Raises:
         ValueError: If ``top_k`` is not in ``[1, V]``.
@@ -121,7 +122,8 @@ def encode_tokens(logits: Tensor, top_k: int, temperature: float) -> dict[str, n
         log_tail = torch.where(head < -math.log(2.0), torch.log1p(-head.exp()), summed)
     else:
         log_tail = values.new_full(values.shape[:-1], float("-inf"))
-    values = values.clamp(min=LOG_ZERO)
+    # the (N, k) rest runs on the CPU, where the results go: small, and float16 rounding the same on every device
+    values, indices, log_tail = values.clamp(min=LOG_ZERO).cpu(), indices.cpu(), log_tail.cpu()
     top = _round_up_half(values[:, 0])
     kept = values >= top.float().unsqueeze(-1) - RANGE  # the classes stored with a value (the top always)
     low = torch.where(kept, values, top.float().unsqueeze(-1)).amin(-1)
@@ -131,11 +133,11 @@ def encode_tokens(logits: Tensor, top_k: int, temperature: float) -> dict[str, n
     codes = torch.round(gaps / safe).clamp(0, _LEVELS)
     codes = torch.where(gaps > RANGE, torch.full_like(codes, _ZERO), codes)
     return {
-        "indices": indices.cpu().numpy(),
-        "codes": codes.to(torch.uint8).cpu().numpy(),
-        "top": top.cpu().numpy(),
-        "step": step.cpu().numpy(),
-        "log_tail": log_tail.clamp(min=LOG_ZERO).half().cpu().numpy(),
+        "indices": indices.numpy(),
+        "codes": codes.to(torch.uint8).numpy(),
+        "top": top.numpy(),
+        "step": step.numpy(),
+        "log_tail": log_tail.clamp(min=LOG_ZERO).half().numpy(),
     }
 
 
