@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,11 @@ def cache_settings(
     }
 
 
-def differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Each setting the cache was made for that differs from ``expected``, with what that means."""
+def differences(found: dict[str, Any], expected: dict[str, Any], why: Mapping[str, str] | None = None) -> list[str]:
+    """Each setting the cache was made for that differs from ``expected``, with what that means (``why``, by key)."""
+    why = _WHY if why is None else why
     return [
-        f"{key}: cache {found.get(key)!r}, now {value!r} ({_WHY.get(key, 'another setting')})"
+        f"{key}: cache {found.get(key)!r}, now {value!r} ({why.get(key, 'another setting')})"
         for key, value in expected.items()
         if found.get(key) != value
     ]
@@ -173,21 +174,29 @@ def allocate(directory: Path, meta: dict[str, Any]) -> None:
     for name, (shape, dtype) in layout(meta).items():
         with open(directory / f"{name}.bin", "wb") as handle:
             handle.truncate(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    write_meta(directory, meta)
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """Write ``meta.json`` atomically (a temporary file, then a rename): it exists whole or not at all."""
     tmp = directory / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, sort_keys=True))
     os.replace(tmp, directory / "meta.json")
 
 
 @contextlib.contextmanager
-def creation_lock(directory: Path) -> Iterator[None]:
+def creation_lock(directory: Path, wait: bool = True) -> Iterator[None]:
     """Hold the cache's lock file: processes that create or rebuild one cache do it one after the other.
 
     Without ``fcntl`` (Windows) the files are still created before ``meta.json``, but two fits creating one cache at
     the same moment are not kept apart.
+
+    Raises:
+        BlockingIOError: With ``wait=False``, if another process holds the lock.
     """
     with open(directory / ".lock", "a") as handle:
         if sys.platform != "win32":
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at close
         yield
 
 

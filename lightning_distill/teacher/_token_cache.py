@@ -10,6 +10,7 @@ teacher now (a row written for other inputs raises).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -54,7 +55,7 @@ class MissingRowsError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def token_digests(inputs: Any, count: int) -> np.ndarray | None:
+def token_digests(inputs: Any, count: int) -> np.ndarray:
     """The inputs digests of a batch's samples with their padding left out, so any padding id and length agree.
 
     Positions whose ``attention_mask`` is 0 are zeroed in every tensor of the inputs with the mask's ``(B, L)``
@@ -69,9 +70,24 @@ def token_digests(inputs: Any, count: int) -> np.ndarray | None:
         >>> b = token_digests({"input_ids": ids[:, :2], "attention_mask": torch.tensor([[1, 1]])}, 1)
         >>> bool(a == b)
         True
+
+    Raises:
+        ValueError: If no tensor of the inputs has the batch's ``count`` samples first (nothing to bind a row to).
     """
-    if not isinstance(inputs, Mapping):
-        return input_digests(inputs, count)
+    if isinstance(inputs, Mapping):
+        inputs = _padding_zeroed(inputs)
+    digests = input_digests(inputs, count)
+    if digests is None:
+        raise ValueError(
+            "TokenCache binds each row to its sample's inputs, but the teacher's inputs hold no tensor whose first "
+            f"dimension is the batch's {count} samples (got {type(inputs).__name__}). HINT: give the teacher "
+            "batch-first tensors, in the pre-pass and in the fit."
+        )
+    return digests
+
+
+def _padding_zeroed(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """``inputs`` with every position whose attention mask is 0 zeroed (see :func:`token_digests`)."""
     masks = {side: inputs.get(f"{side}attention_mask") for side in ("", "decoder_")}
     padded = {}
     for key, value in inputs.items():
@@ -79,7 +95,7 @@ def token_digests(inputs: Any, count: int) -> np.ndarray | None:
         if isinstance(value, Tensor) and isinstance(mask, Tensor) and mask.ndim == 2 and value.shape[:2] == mask.shape:
             value = value.masked_fill((mask == 0).reshape(*mask.shape, *([1] * (value.ndim - 2))), 0)
         padded[key] = value
-    return input_digests(padded, count)
+    return padded
 
 
 def token_cache_settings(
@@ -150,7 +166,7 @@ class TokenCache:
         self._shard: Path | None = None
         self._samples: np.memmap | None = None
         self._tokens_file: IO[bytes] | None = None
-        self._lock: Any = None
+        self._lock: contextlib.ExitStack | None = None  # holds the shard's writer lock
         self._end = 0
         self._done: np.ndarray | None = None  # rows stored in any shard, as seen when the writer opened
         # reading: every shard
@@ -207,9 +223,8 @@ class TokenCache:
         self.close()
         prepare_directory(self.path)
         shard = self.path / f"shard-{rank:05d}"
-        lock = writer_lock(shard)
-        self._lock = lock
-        lock.__enter__()
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(writer_lock(shard))
         try:
             done = np.zeros(settings["num_samples"] * settings["views"], dtype=bool)
             for other in shard_dirs(self.path):
@@ -319,7 +334,7 @@ class TokenCache:
         if self._tokens_file is not None:
             self._tokens_file.close()
         if self._lock is not None:
-            self._lock.__exit__(None, None, None)
+            self._lock.close()
         self._meta = self._shard = self._samples = self._tokens_file = self._lock = self._done = None
         self._table = self._table_shard = None
         self._tokens = []
@@ -454,14 +469,14 @@ class TokenCache:
         return raw.view(token_dtype(self._meta["top_k"], self._meta["vocab"])).reshape(-1), bad
 
     # --------------------------------------------------------------------------------------------------- batches
-    def rows(self, batch: Any, num_samples: int, views: int) -> np.ndarray:
-        """The rows (``index * views + view``) of a batch's samples.
+    def rows(self, batch: Any, num_samples: int, views: int, owner: str = "TokenCache") -> np.ndarray:
+        """The rows (``index * views + view``) of a batch's samples (``owner``: who asks, for the message).
 
         Raises:
             TypeError: If the batch carries no sample identity.
             IndexError: If an index or view is out of range.
         """
-        return sample_rows(batch, num_samples, views, "TokenCache")
+        return sample_rows(batch, num_samples, views, owner)
 
 
 def _shard_rank(shard: Path) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
 import zlib
@@ -29,11 +28,12 @@ from typing import IO, Any
 
 import numpy as np
 
-from lightning_distill.teacher._cache_files import DamagedCacheError
+from lightning_distill.teacher._cache_files import DamagedCacheError, creation_lock, write_meta
+from lightning_distill.teacher._cache_files import differences as setting_differences
 from lightning_distill.teacher._token_codec import token_dtype
 
 if sys.platform != "win32":
-    import fcntl
+    pass
 
 FORMAT = 1
 SAMPLE_DTYPE = np.dtype(
@@ -81,12 +81,8 @@ def read_shard_meta(shard: Path) -> dict[str, Any] | None:
 
 
 def differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Each setting of ``expected`` that ``found`` differs in, with what that means."""
-    return [
-        f"{key}: cache {found.get(key)!r}, now {value!r} ({WHY.get(key, 'another setting')})"
-        for key, value in expected.items()
-        if found.get(key) != value
-    ]
+    """Each setting of ``expected`` that a shard's ``found`` differs in, with what that means."""
+    return setting_differences(found, expected, WHY)
 
 
 def samples_size(meta: dict[str, Any]) -> int:
@@ -128,9 +124,7 @@ def create_shard(shard: Path, meta: dict[str, Any]) -> None:
     with open(shard / "samples.bin", "wb") as handle:
         handle.truncate(samples_size(meta))
     (shard / "tokens.bin").write_bytes(b"")
-    tmp = shard / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, sort_keys=True))
-    os.replace(tmp, shard / "meta.json")
+    write_meta(shard, meta)
 
 
 def remove_shard(shard: Path, keep_lock: bool = False) -> None:
@@ -164,26 +158,21 @@ def open_tokens_for_append(shard: Path, samples: np.ndarray, itemsize: int) -> I
 
 
 @contextlib.contextmanager
-def writer_lock(shard: Path) -> Iterator[IO[str]]:
+def writer_lock(shard: Path) -> Iterator[None]:
     """Hold a shard's lock for the whole pre-pass: a second writer of the same shard fails at once.
 
     Raises:
         RuntimeError: If another process holds it.
     """
     shard.mkdir(parents=True, exist_ok=True)
-    handle = open(shard / ".lock", "a")
     try:
-        if sys.platform != "win32":
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as err:
-                raise RuntimeError(
-                    f"Token cache shard {str(shard)!r} is being written by another process (its lock is held). "
-                    "HINT: wait for that pre-pass to finish, or write this cache to another directory."
-                ) from err
-        yield handle
-    finally:
-        handle.close()
+        with creation_lock(shard, wait=False):
+            yield
+    except BlockingIOError as err:
+        raise RuntimeError(
+            f"Token cache shard {str(shard)!r} is being written by another process (its lock is held). "
+            "HINT: wait for that pre-pass to finish, or write this cache to another directory."
+        ) from err
 
 
 def row_heads(digests: np.ndarray, rows: np.ndarray) -> list[bytes]:

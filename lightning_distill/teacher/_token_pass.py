@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_distill._batches import split_batch
-from lightning_distill._indexed import Indexed
 from lightning_distill._positions import logits_mask, route_inputs, token_masks
 from lightning_distill.losses.functional._common import check_ignore_index, check_temperature
 from lightning_distill.teacher._digest import teacher_weights_fingerprint
@@ -154,12 +153,7 @@ class TokenCachePass(L.LightningModule):
 
     def _store(self, batch: Any) -> None:
         assert self._size is not None and self._fingerprint is not None
-        if not isinstance(batch, Indexed):
-            raise TypeError(
-                f"TokenCachePass needs each batch's sample indices, but the batch is a {type(batch).__name__}. "
-                "HINT: wrap the training dataset: `IndexedDataset(dataset)` (from lightning_distill)."
-            )
-        rows = self.cache.rows(batch, *self._size)
+        rows = self.cache.rows(batch, *self._size, owner=type(self).__name__)
         opened = self.cache.settings is not None
         if opened and not self.cache.missing(rows).any():
             self.batches_skipped += 1
@@ -188,12 +182,6 @@ class TokenCachePass(L.LightningModule):
             )
             self.cache.open_writer(settings, self.trainer.global_rank, self.trainer.world_size)
         digests = token_digests(inputs, len(rows))
-        if digests is None:
-            raise ValueError(
-                "TokenCache binds each row to its sample's inputs, but the teacher's inputs hold no tensor whose "
-                f"first dimension is the batch's {len(rows)} samples (got {type(inputs).__name__}). HINT: give the "
-                "teacher batch-first tensors."
-            )
         missing = int(self.cache.missing(rows).sum())
         if not missing:  # the first batch of a resumed pass (its rows are known once the writer is open)
             self.batches_skipped += 1

@@ -32,26 +32,24 @@ class _TopKKL(torch.autograd.Function):
         dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         z = student if student.dtype == dtype else student.to(dtype)
         log_s = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
-        s = log_s.exp()  # the student's probabilities: e / S
+        s = log_s.exp()  # the student's probabilities
         s_top = s.gather(-1, indices)
         log_s_top = log_s.gather(-1, indices)
         head_live = log_s_top > LOG_ZERO  # a floored log-probability passes no gradient
         p = values.exp()
-        loss = p * (values - log_s_top.clamp(min=LOG_ZERO))
-        m = torch.zeros_like(s_top[:, 0])
-        rest = m
-        tail_live = head_live[:, 0] & False
+        loss = (p * (values - log_s_top.clamp(min=LOG_ZERO))).sum(-1)
+        rest = m_live = torch.zeros_like(loss)  # the student's tail mass and the teacher's, where it has a gradient
         if indices.shape[-1] < student.shape[-1]:
-            m, rest = tail.to(dtype), s.scatter_(-1, indices, 0.0).sum(-1)  # R / S, summed without cancellation
+            m, rest = tail.to(dtype), s.scatter_(-1, indices, 0.0).sum(-1)  # summed without cancellation
             tail_live = rest > 0
             # a tail whose every class is at the floor is the floored bucket: log(V - k) + L, as log-sum-exp gives it
             floored = LOG_ZERO + math.log(student.shape[-1] - indices.shape[-1])
-            log_s_tail = torch.where(tail_live, rest.log(), floored)
-            loss = loss.sum(-1) + torch.xlogy(m, m) - m * log_s_tail
+            loss = loss + torch.xlogy(m, m) - m * torch.where(tail_live, rest.log(), floored)
+            m_live = m * tail_live
         else:
             s.zero_()  # every class is a top-k one: their gradient is carried by s_top alone
         ctx.temperature, ctx.student_dtype = temperature, student.dtype
-        ctx.save_for_backward(s, s_top, rest, p * head_live, m * tail_live, indices)
+        ctx.save_for_backward(s, s_top, rest, p * head_live, m_live, indices)
         return loss.sum()
 
     @staticmethod

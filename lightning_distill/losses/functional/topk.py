@@ -178,25 +178,25 @@ def topk_distillation_terms(
             "vocabulary size."
         )
     if topk.positions is not None:
-        return _token_rows_terms(student_logits, topk, target, mask, ignore_index, alpha, temperature, chunk_size)
-    kd = topk_kd_loss(
-        student_logits, topk.values, topk.indices, topk.tail, temperature, mask, target, ignore_index, chunk_size
-    )
+        kd = _token_rows_kd(student_logits, topk, target, mask, ignore_index, temperature, chunk_size)
+    else:
+        kd = topk_kd_loss(
+            student_logits, topk.values, topk.indices, topk.tail, temperature, mask, target, ignore_index, chunk_size
+        )
     task = None if target is None else cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
     return weigh_terms(kd, task, alpha)
 
 
-def _token_rows_terms(
+def _token_rows_kd(
     student_logits: Tensor,
     topk: TopKTeacher,
     target: Tensor | None,
     mask: Tensor | None,
     ignore_index: int,
-    alpha: float,
     temperature: float,
     chunk_size: int | None,
-) -> dict[str, Tensor]:
-    """:func:`topk_distillation_terms` for a token cache's rows: the student's logits taken at the stored positions.
+) -> Tensor:
+    """The KD term from a token cache's rows: the student's logits taken at the stored positions.
 
     ``student_logits`` ``(B, L, V)`` are those the loss scores (after the next-token shift, whose position t is the
     unshifted t); every position the loss counts must have a stored row (one device synchronisation checks it, and
@@ -211,13 +211,12 @@ def _token_rows_terms(
     steps = topk.positions[:, 1]
     flat = topk.positions[:, 0] * length + steps.clamp(max=length - 1)  # each stored (row, position) is unique
     counted = counted_positions(target, mask, ignore_index, student_logits.device)
+    furthest = steps.max() if len(steps) else steps.new_zeros(())
     if counted is None:  # every position counts: all B * L must be stored
-        figures = torch.stack([steps.max() if len(steps) else steps.new_zeros(()), steps.new_zeros(())])
-        n_counted, n_covered = batch * length, len(flat)
-        last, _ = (int(v) for v in figures.tolist())
+        last, n_counted, n_covered = int(furthest), batch * length, len(flat)
     else:
-        figures = torch.stack([steps.max() if len(steps) else steps.new_zeros(()), counted.sum(), counted[flat].sum()])
-        last, n_counted, n_covered = (int(v) for v in figures.tolist())  # one synchronisation
+        figures = torch.stack([furthest, counted.sum(), counted[flat].sum()]).tolist()  # one synchronisation
+        last, n_counted, n_covered = (int(v) for v in figures)
     if last >= length:
         raise ValueError(
             f"The token cache holds distributions at position {last}, beyond the logits' {length}: the batch's "
@@ -232,17 +231,5 @@ def _token_rows_terms(
             "`shift_labels`). HINT: run the pre-pass with the module's `shift_labels` and `ignore_index` on the same "
             "data, or mask those positions in the batch."
         )
-    rows = student_logits.reshape(-1, classes)[flat]
-    kd = topk_kd_loss(
-        rows,
-        topk.values,
-        topk.indices,
-        topk.tail,
-        temperature,
-        None if counted is None else counted[flat],
-        None,
-        ignore_index,
-        chunk_size,
-    )
-    task = None if target is None else cross_entropy(student_logits, target, mask=mask, ignore_index=ignore_index)
-    return weigh_terms(kd, task, alpha)
+    rows, keep = student_logits.reshape(-1, classes)[flat], None if counted is None else counted[flat]
+    return topk_kd_loss(rows, topk.values, topk.indices, topk.tail, temperature, keep, None, ignore_index, chunk_size)
