@@ -21,9 +21,10 @@ from lightning.pytorch.tuner import Tuner
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_distill import CachedTeacher, DistillModule, IndexedDataset, TokenCache
+from lightning_distill import CachedTeacher, DistillationCallback, DistillModule, IndexedDataset, OnPolicy, TokenCache
 from lightning_distill.teacher._cache_files import DamagedCacheError
 from lightning_distill.teacher._digest import teacher_weights_fingerprint
+from lightning_distill.teacher._token_cache import token_digests
 from lightning_distill.teacher._token_codec import token_dtype
 from lightning_distill.teacher._token_files import SAMPLE_DTYPE
 from tests.helpers.token_cache import (
@@ -295,6 +296,38 @@ def test_5_batches_without_sample_identity_are_refused_naming_indexed_dataset(re
         _prepass(_teacher(), tmp_path / "cache", _markov())
     with pytest.raises(TypeError, match=r"TokenCache needs each batch's sample indices.*IndexedDataset"):
         _fit(reference, _markov())
+
+
+def test_5_augmented_views_are_refused_by_the_pre_pass(tmp_path: Path) -> None:
+    views = IndexedDataset(_markov(), augment=lambda sample, generator: sample, views=2)  # one view drawn per read
+    with pytest.raises(ValueError, match=r"stores one entry per sample, but the dataset has views=2"):
+        _prepass(_teacher(), tmp_path / "cache", views)
+    assert not list((tmp_path / "cache").glob("shard-*/tokens.bin"))
+
+
+def test_5_a_cache_used_before_it_is_opened_names_the_call(tmp_path: Path) -> None:
+    cache = TokenCache(tmp_path / "cache", top_k=TOP_K)
+    rows, digests = np.array([0]), np.zeros(1, dtype=np.uint64)
+    with pytest.raises(RuntimeError, match=r"is not open for this: call `open_reader\(expected\)` first"):
+        cache.load(rows, digests, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"call `open_writer\(settings, rank\)` first"):
+        cache.missing(rows)
+    with pytest.raises(RuntimeError, match=r"call `open_reader\(expected\)` first"):
+        cache.stored_tokens()
+
+
+def test_5_inputs_without_a_batch_first_tensor_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"no tensor whose first dimension is the batch's 2 samples \(got dict\)"):
+        token_digests({"input_ids": torch.zeros(3, 4)}, 2)
+
+
+def test_5_a_cached_teacher_beside_a_teacher_callback_or_on_policy_sampling_is_refused(reference: Path) -> None:
+    module = DistillModule(student=_student(), alpha=0.5, shift_labels=True)
+    both = [CachedTeacher(TokenCache(reference, top_k=TOP_K)), DistillationCallback(_teacher())]
+    with pytest.raises(RuntimeError, match=r"would replace it silently\. HINT: keep one of them"):
+        _trainer(max_epochs=1, callbacks=both).fit(module, DataLoader(_data(), batch_size=BATCH))
+    with pytest.raises(ValueError, match=r"use DistillationCallback\(teacher\) instead of CachedTeacher"):
+        _fit(reference, on_policy=OnPolicy(prompt_length=4, max_new_tokens=4))
 
 
 class PooledTeacher(nn.Module):
