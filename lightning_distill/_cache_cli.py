@@ -52,7 +52,7 @@ def run_cache(args: list[str]) -> None:
     assert isinstance(model, TokenCachePass) and datamodule is not None
     trainer.predict(model, dataloaders=_training_set_in_order(datamodule), return_predictions=False)
     totals = [model.rows_written, model.tokens_written, model.batches_skipped]
-    rows, tokens, skipped = (int(v) for v in _sum_over_processes(trainer, totals))  # also waits for every shard
+    rows, tokens, skipped = _sum_over_processes(trainer, totals)  # also waits for every shard
     if trainer.is_global_zero:
         print(f"Wrote {rows} samples, {tokens} tokens ({skipped} batches were already stored).")
         print(_describe(model.cache))
@@ -104,10 +104,10 @@ def _training_set_in_order(datamodule: L.LightningDataModule) -> DataLoader[Any]
     )
 
 
-def _sum_over_processes(trainer: L.Trainer, values: list[int]) -> list[float]:
+def _sum_over_processes(trainer: L.Trainer, values: list[int]) -> list[int]:
     """Each value summed over the processes (a collective: every process's pass has ended when it returns)."""
-    local = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
-    return [float(v) for v in trainer.strategy.reduce(local, reduce_op="sum")]
+    local = torch.tensor(values, dtype=torch.int64, device=trainer.strategy.root_device)
+    return [int(v) for v in trainer.strategy.reduce(local, reduce_op="sum")]
 
 
 def _describe(cache: TokenCache) -> str:
